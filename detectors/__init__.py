@@ -1,0 +1,1 @@
+"""Stormguard functional core: event model, baselines, policy. Pure and deterministic."""

@@ -1,0 +1,109 @@
+"""What Stormguard decides, and the knobs that govern it.
+
+Every threshold lives in :class:`PolicyConfig`, with its default and the
+reason for it; the shell fills it from ``STORMGUARD_*`` environment variables
+(the README lists them all). :class:`Action` is the wire form of a decision on
+``stormguard.actions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal, Optional
+
+import msgspec
+
+ActionKind = Literal["alert", "freeze", "unfreeze"]
+
+
+class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Thresholds of the storm policy. Defaults are the product's recommendation."""
+
+    #: Events the whole stream must have shown before any freeze: until then
+    #: nothing is known of anyone's habits, so only alerts go out.
+    warmup_events: int = 100
+    #: Lists with fewer members are never frozen: a reply-all storm on a
+    #: 40-person team list is a conversation, not an outage.
+    min_list_members: int = 100
+    #: A root post is only "anomalous" if it reaches at least this many
+    #: mailboxes; below it, no single post is worth an alarm.
+    anomalous_min_deliveries: int = 500
+    #: Fan-out z-score (log space, against the sender's own habit) above which
+    #: a post is out of character for its sender.
+    fanout_z: float = 4.0
+    #: Reply-alls within ``velocity_window`` needed before the velocity rule
+    #: can freeze a list whose first post was ordinary (Exchange waits for 10).
+    min_replies: int = 3
+    #: Event-time window, in seconds, over which reply-alls to a list are counted.
+    velocity_window: float = 3600.0
+    #: How many standard deviations above its hourly norm a list may go.
+    norm_sigmas: float = 3.0
+    #: Deliveries the reply-alls in the window must have caused before the
+    #: velocity rule freezes (harm, not just unusualness).
+    harm_deliveries: int = 2_000
+    #: Lists whose learned norm is at least this many reply-alls per window
+    #: are discussion lists: the first-reply rule does not apply to them.
+    discussion_norm: float = 3.0
+    #: Seconds a freeze lasts after the list's last storm post (6 h, as
+    #: commonly set for Exchange's ReplyAllStormBlockDurationHours).
+    cooldown: float = 6 * 3600.0
+    #: Seconds an event may arrive behind the newest event of its list.
+    max_lateness: float = 300.0
+    #: Seconds an event may be ahead of the newest event seen at all.
+    max_future_skew: float = 7 * 86400.0
+    #: Lists that are never frozen (they still raise alerts).
+    allow_lists: frozenset[str] = frozenset()
+    #: Senders whose posts never count towards a storm (list owners, robots).
+    allow_senders: frozenset[str] = frozenset()
+    #: Freezes per event-time hour across all lists; beyond this, further
+    #: freezes become alerts (a forged storm must not freeze everything).
+    max_freezes_per_hour: int = 20
+    #: Most senders remembered; the least recently seen are forgotten first.
+    max_senders: int = 2_000_000
+    #: Most lists remembered; frozen lists are never forgotten.
+    max_lists: int = 200_000
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_events", "min_list_members", "anomalous_min_deliveries", "min_replies",
+                     "harm_deliveries", "max_freezes_per_hour", "max_senders", "max_lists"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("velocity_window", "cooldown", "max_lateness", "max_future_skew"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds")
+        if self.min_replies < 1:
+            raise ValueError("min_replies must be >= 1")
+
+
+class Action(msgspec.Struct, kw_only=True):
+    """One decision, as published on ``stormguard.actions``."""
+
+    kind: ActionKind
+    list: Optional[str]
+    sender: Optional[str]
+    event_time: float
+    detector: str
+    score: float
+    message_id: Optional[str]
+    reason: str
+    #: Who decided: "stormguard" for the detectors, the operator for admin actions.
+    actor: str = "stormguard"
+    #: Stable identity of this decision, for idempotent consumers.
+    action_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.action_id:
+            key = f"{self.kind}|{self.list}|{self.sender}|{self.message_id}|{self.event_time!r}"
+            self.action_id = hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
+
+
+_action_encoder = msgspec.json.Encoder()
+_action_decoder = msgspec.json.Decoder(Action)
+
+
+def encode_action(action: Action) -> bytes:
+    return _action_encoder.encode(action)
+
+
+def decode_action(raw: bytes) -> Action:
+    return _action_decoder.decode(raw)

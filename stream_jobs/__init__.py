@@ -1,0 +1,1 @@
+"""Stormguard shell: Faust app, broker, CLI, adapters."""

@@ -1,0 +1,124 @@
+"""The core sub-commands: ``broker``, ``run``, ``score``, ``replay``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import BinaryIO, Iterator
+
+from stream_jobs.settings import EVENTS_TOPIC
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu) in the foreground")
+    p.add_argument("--port", type=int, default=9092, help="TCP port (default 9092)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.set_defaults(func=_broker)
+
+    p = sub.add_parser("run", help="run the live worker (starts an embedded broker if none is given)")
+    p.add_argument("--broker", help="kafka://HOST:PORT[;kafka://HOST2:PORT] (default $STORMGUARD_BROKER, "
+                                    "else an embedded broker)")
+    p.add_argument("--web-port", type=int, help="HTTP port for /healthz, /metrics, /api (default 6066)")
+    p.add_argument("--embedded-port", type=int, default=9092,
+                   help="port of the embedded broker when no --broker is given (default 9092)")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("score", help="score JSON-lines events offline; action lines on stdout")
+    p.add_argument("file", help="events file (JSON lines), or - for stdin")
+    p.add_argument("--dead-letters", metavar="FILE",
+                   help="also write rejected records (raw line + reason) as JSON lines to FILE")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("replay", help=f"produce a JSON-lines events file to {EVENTS_TOPIC}")
+    p.add_argument("file", help="events file (JSON lines), or - for stdin")
+    p.add_argument("--broker", help="kafka://HOST:PORT (default $STORMGUARD_BROKER or kafka://127.0.0.1:9092)")
+    p.add_argument("--rate", type=float, default=0.0, help="events per second (default 0: as fast as possible)")
+    p.add_argument("--topic", default=EVENTS_TOPIC, help=f"topic (default {EVENTS_TOPIC})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_replay)
+
+
+def _broker(args) -> int:
+    from stream_jobs.broker import BrokerError, run_foreground
+
+    try:
+        return run_foreground(args.port, args.host)
+    except BrokerError as exc:
+        print(f"stormguard: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from stream_jobs.worker import run_worker
+
+    return run_worker(broker=args.broker, web_port=args.web_port, embedded_port=args.embedded_port)
+
+
+def open_lines(path: str) -> BinaryIO:
+    return sys.stdin.buffer if path == "-" else open(path, "rb")
+
+
+def read_records(fh: BinaryIO) -> Iterator[bytes]:
+    """Non-blank lines, without their line ending: one record each."""
+    for line in fh:
+        line = line.rstrip(b"\r\n")
+        if line.strip():
+            yield line
+
+
+def _score(args) -> int:
+    import msgspec
+
+    from detectors.engine import score_stream
+    from detectors.policy import encode_action
+    from stream_jobs.settings import policy_from_env
+
+    policy = policy_from_env()
+    out = sys.stdout.buffer
+    dead = open(args.dead_letters, "wb") if args.dead_letters else None
+    n = bad = 0
+    try:
+        with open_lines(args.file) as fh:
+            for lineno, (raw, outcome) in enumerate(_with_raw(read_records(fh), policy), start=1):
+                n += 1
+                if outcome.error is not None:
+                    bad += 1
+                    print(f"stormguard score: record {lineno} dead-lettered: {outcome.error}", file=sys.stderr)
+                    if dead:
+                        dead.write(msgspec.json.encode({"record": lineno, "reason": outcome.error,
+                                                        "raw": raw.decode("utf-8", "replace")}) + b"\n")
+                for action in outcome.actions:
+                    out.write(encode_action(action) + b"\n")
+    except FileNotFoundError:
+        print(f"stormguard score: no such file: {args.file}", file=sys.stderr)
+        return 2
+    finally:
+        if dead:
+            dead.close()
+        out.flush()
+    print(f"stormguard score: {n} records, {bad} dead-lettered", file=sys.stderr)
+    return 0
+
+
+def _with_raw(records: Iterator[bytes], policy):
+    from detectors.engine import StormDetector, process_raw
+
+    detector = StormDetector(policy)
+    for raw in records:
+        yield raw, process_raw(detector, raw)
+
+
+def _replay(args) -> int:
+    from stream_jobs.replay import ReplayError, replay_file
+
+    try:
+        n = replay_file(args.file, broker=args.broker, rate=args.rate, topic=args.topic,
+                        progress=not args.no_progress)
+    except FileNotFoundError:
+        print(f"stormguard replay: no such file: {args.file}", file=sys.stderr)
+        return 2
+    except ReplayError as exc:
+        print(f"stormguard replay: {exc}", file=sys.stderr)
+        return 1
+    print(f"stormguard replay: produced {n} events to {args.topic}", file=sys.stderr)
+    return 0

@@ -1,0 +1,115 @@
+"""Settings from the environment: one place, each with its default and meaning.
+
+Policy thresholds are ``STORMGUARD_<FIELD>`` for every field of
+:class:`detectors.policy.PolicyConfig` (``STORMGUARD_MIN_REPLIES=3``); sets
+take comma-separated values. Secrets may also come from a file named by
+``<NAME>_FILE`` (Docker and Kubernetes secrets), and are never logged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import msgspec
+
+from detectors.policy import PolicyConfig
+
+#: The topics of the event contract.
+EVENTS_TOPIC = "mail.events"
+DLQ_TOPIC = "mail.events.dlq"
+ACTIONS_TOPIC = "stormguard.actions"
+LIST_STATE_TOPIC = "stormguard.list-state"
+
+
+class SettingsError(ValueError):
+    """A setting has a value Stormguard cannot use; the message names it."""
+
+
+def secret(name: str, environ: Optional[dict] = None) -> Optional[str]:
+    """``NAME`` from the environment, or the contents of the file named by ``NAME_FILE``."""
+    env = os.environ if environ is None else environ
+    value = env.get(name)
+    if value:
+        return value
+    path = env.get(f"{name}_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip() or None
+        except OSError as exc:
+            raise SettingsError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return None
+
+
+def policy_from_env(environ: Optional[dict] = None) -> PolicyConfig:
+    """A :class:`PolicyConfig` with every ``STORMGUARD_<FIELD>`` override applied."""
+    env = os.environ if environ is None else environ
+    overrides: dict = {}
+    for name, ftype in zip(PolicyConfig.__struct_fields__, _field_types()):
+        raw = env.get(f"STORMGUARD_{name.upper()}")
+        if raw is None or raw == "":
+            continue
+        try:
+            if ftype is frozenset:
+                overrides[name] = frozenset(v.strip() for v in raw.split(",") if v.strip())
+            elif ftype is int:
+                overrides[name] = int(raw)
+            else:
+                overrides[name] = float(raw)
+        except ValueError:
+            raise SettingsError(f"STORMGUARD_{name.upper()}={raw!r} is not a valid {ftype.__name__}") from None
+    try:
+        return msgspec.structs.replace(PolicyConfig(), **overrides)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _field_types() -> list[type]:
+    defaults = PolicyConfig()
+    return [type(getattr(defaults, name)) for name in PolicyConfig.__struct_fields__]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How the live worker connects and serves; see the README's settings table."""
+
+    broker: Optional[str] = None
+    web_port: int = 6066
+    web_host: str = "0.0.0.0"
+    app_id: str = "stormguard"
+    partitions: int = 1
+    data_dir: str = ".stormguard"
+    session_timeout: float = 4.0
+    heartbeat_interval: float = 0.5
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    @classmethod
+    def from_env(cls, environ: Optional[dict] = None, **overrides) -> "WorkerSettings":
+        env = os.environ if environ is None else environ
+
+        def num(name: str, default, kind=int):
+            raw = env.get(name)
+            if not raw:
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+        values = dict(
+            broker=env.get("STORMGUARD_BROKER") or None,
+            web_port=num("STORMGUARD_WEB_PORT", cls.web_port),
+            web_host=env.get("STORMGUARD_WEB_HOST") or cls.web_host,
+            app_id=env.get("STORMGUARD_APP_ID") or cls.app_id,
+            partitions=num("STORMGUARD_PARTITIONS", cls.partitions),
+            data_dir=env.get("STORMGUARD_DATA_DIR") or cls.data_dir,
+            session_timeout=num("STORMGUARD_SESSION_TIMEOUT", cls.session_timeout, float),
+            heartbeat_interval=num("STORMGUARD_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
+            policy=policy_from_env(env),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["partitions"] < 1:
+            raise SettingsError("STORMGUARD_PARTITIONS must be >= 1")
+        return cls(**values)
