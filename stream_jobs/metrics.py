@@ -1,27 +1,104 @@
 """Prometheus metrics of the worker, served on ``GET /metrics``.
 
-Label cardinality is bounded on purpose: per-list series exist only for the
-``TOP_LISTS`` busiest lists (see :class:`TopLists`), never one per sender.
+The worker calls two hooks and nothing else:
+
+* :func:`observe_event` after every record it consumed (scored or dead-lettered);
+* :func:`observe_consumer` from a 1-second timer (consumer lag, gauges).
+
+Issue 4's delivery code (webhooks, Grafana annotations, Mailman) uses
+:data:`OUTBOX_BACKLOG` and :data:`DELIVERY_FAILURES` directly.
+
+Label cardinality is bounded on purpose. No metric is labelled by sender or
+message. Per-list series (``stormguard_list_*{list}``) exist only for the
+``STORMGUARD_METRICS_TOP_LISTS`` busiest lists (by deliveries per minute, see
+:class:`TopLists`) plus up to ``STORMGUARD_METRICS_MAX_FROZEN_LISTS`` frozen
+lists; they are computed at scrape time, so a list that drops out of the top
+simply stops being exported. Invalid-record reasons are folded into a handful
+of categories (:func:`reason_category`), never the free-text reason.
+
+docs/observability.md lists every metric with its meaning.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
+import weakref
+from typing import Iterable, Iterator, Optional
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from stream_jobs.settings import EVENTS_TOPIC
+
+log = logging.getLogger("stormguard.metrics")
+
+
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        log.warning("%s=%r is not an integer; using %d", name, raw, default)
+        return default
+    return min(max(value, low), high)
+
+
+#: How many of the busiest lists get per-list series (hard cap 200).
+TOP_LISTS = _env_int("STORMGUARD_METRICS_TOP_LISTS", 20, 0, 200)
+#: Frozen lists exported per list besides the busiest ones (hard cap 500).
+MAX_FROZEN_LISTS = _env_int("STORMGUARD_METRICS_MAX_FROZEN_LISTS", 50, 0, 500)
+#: Lists whose rates are tracked to find the busiest (memory bound of TopLists).
+TOP_LISTS_CAPACITY = 4096
+#: Event-time seconds over which per-list rates decay (so they read "per minute").
+RATE_TAU = 60.0
+
+#: Folded reasons for ``stormguard_events_invalid_total{reason}``.
+INVALID_REASONS = ("not_json", "schema", "encoding", "oversize", "timestamp", "late", "future", "other")
+#: Sinks of issue 4's delivery (``stormguard_delivery_failures_total{sink}``), pre-created at zero.
+SINKS = ("webhook", "grafana", "mailman")
+#: Known (kind, detector) pairs, pre-created at zero so rates exist before the first storm.
+KNOWN_ACTIONS = (("alert", "fanout"), ("alert", "reply_velocity"), ("alert", "reply_to_anomalous_post"),
+                 ("freeze", "reply_to_anomalous_post"), ("freeze", "reply_velocity"),
+                 ("freeze", "operator"), ("unfreeze", "operator"), ("unfreeze", "cooldown"))
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-EVENTS_PROCESSED = Counter("stormguard_events_processed", "Events scored by the detectors",
+# -- traffic ------------------------------------------------------------------------------------
+EVENTS_PROCESSED = Counter("stormguard_events_processed", "Events scored by the detectors (valid records)",
                            registry=REGISTRY)
-EVENTS_INVALID = Counter("stormguard_events_invalid", "Records dead-lettered to mail.events.dlq",
-                         ["reason"], registry=REGISTRY)
+EVENTS_INVALID = Counter("stormguard_events_invalid",
+                         "Records dead-lettered to mail.events.dlq, by folded reason", ["reason"],
+                         registry=REGISTRY)
+DELIVERIES = Counter("stormguard_deliveries",
+                     "Mailbox deliveries of the scored events (after list expansion)", registry=REGISTRY)
+REPLIES = Counter("stormguard_list_replies",
+                  "Scored events that are replies to at least one list (reply-alls)", registry=REGISTRY)
+
+# -- decisions ------------------------------------------------------------------------------------
 ACTIONS = Counter("stormguard_actions", "Actions published to stormguard.actions", ["kind", "detector"],
                   registry=REGISTRY)
-FROZEN_LISTS = Gauge("stormguard_frozen_lists", "Lists frozen right now", registry=REGISTRY)
+FROZEN_LISTS = Gauge("stormguard_frozen_lists", "Lists frozen right now (in this worker's partitions)",
+                     registry=REGISTRY)
 TRACKED_SENDERS = Gauge("stormguard_tracked_senders", "Senders with a learned baseline", registry=REGISTRY)
 TRACKED_LISTS = Gauge("stormguard_tracked_lists", "Lists with a learned baseline", registry=REGISTRY)
+WATERMARK = Gauge("stormguard_event_time_watermark_seconds",
+                  "Newest event time seen by the detectors (epoch seconds)", registry=REGISTRY)
+
+# -- latency --------------------------------------------------------------------------------------
 EVENT_TIME_LAG = Histogram(
     "stormguard_event_time_lag_seconds", "Worker clock minus the event's own timestamp when scored",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, float("inf")), registry=REGISTRY)
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 21600, 86400, float("inf")),
+    registry=REGISTRY)
+RECORD_LATENCY = Histogram(
+    "stormguard_record_latency_seconds", "Kafka record timestamp (produce) to scored by the worker",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf")),
+    registry=REGISTRY)
 SCORING_LATENCY = Histogram(
     "stormguard_produce_to_action_seconds", "Kafka record timestamp (produce) to action published",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")), registry=REGISTRY)
@@ -29,3 +106,341 @@ PROCESSING_SECONDS = Histogram(
     "stormguard_processing_seconds", "Time the detectors spend on one event",
     buckets=(0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.1, float("inf")),
     registry=REGISTRY)
+
+# -- delivery of actions (issue 4 updates these) ----------------------------------------------------
+OUTBOX_BACKLOG = Gauge("stormguard_outbox_backlog",
+                       "Actions waiting in the outbox for delivery to their sinks", registry=REGISTRY)
+DELIVERY_FAILURES = Counter("stormguard_delivery_failures",
+                            "Failed attempts to deliver an action to a sink", ["sink"], registry=REGISTRY)
+
+for _reason in INVALID_REASONS:
+    EVENTS_INVALID.labels(reason=_reason)
+for _kind, _detector in KNOWN_ACTIONS:
+    ACTIONS.labels(kind=_kind, detector=_detector)
+for _sink in SINKS:
+    DELIVERY_FAILURES.labels(sink=_sink)
+
+
+def reason_category(error: str) -> str:
+    """Fold a dead-letter reason (free text) into one of :data:`INVALID_REASONS`.
+
+    >>> reason_category("JSON is malformed: invalid character (byte 0)")
+    'not_json'
+    >>> reason_category("Object missing required field `timestamp`")
+    'schema'
+    >>> reason_category("event is 900 s behind list all@nhs.net (max_lateness 300 s)")
+    'late'
+    """
+    e = error.lower()
+    if "json is malformed" in e or "input data was truncated" in e or "invalid utf-8" in e and "json" in e:
+        return "not_json"
+    if "not utf-8" in e:
+        return "encoding"
+    if "-byte limit" in e:
+        return "oversize"
+    if "behind list" in e or e == "lateevent":
+        return "late"
+    if "ahead of the stream" in e:
+        return "future"
+    if "timestamp" in e and ("outside" in e or "1970" in e):
+        return "timestamp"
+    if e.startswith(("expected", "object missing", "object contains", "invalid")) or "- at `$" in e:
+        return "schema"
+    return "other"
+
+
+# -- the busiest lists ---------------------------------------------------------------------------
+class _Rates:
+    __slots__ = ("t", "replies", "deliveries", "members")
+
+    def __init__(self, t: float):
+        self.t = t
+        self.replies = 0.0
+        self.deliveries = 0.0
+        self.members = 0
+
+
+class TopLists:
+    """Per-list reply and delivery rates, for the busiest lists only.
+
+    Each tracked list keeps two counts decaying exponentially with event time
+    (time constant ``tau`` seconds, one minute by default), so a count reads as
+    "per minute" and fades once the list goes quiet. At most ``capacity``
+    lists are tracked: past that, the quietest half is forgotten, so memory
+    stays bounded however many lists the stream holds.
+
+    >>> top = TopLists(n=2)
+    >>> for i in range(30):
+    ...     top.observe("all@nhs.net", 1000.0 + i, 840_000, is_reply=True)
+    >>> top.observe("team@nhs.net", 1029.0, 12, is_reply=False)
+    >>> top.observe("quiet@nhs.net", 1029.0, 3, is_reply=False)
+    >>> [address for address, _ in top.top()]
+    ['all@nhs.net', 'team@nhs.net']
+    >>> round(dict(top.top())["all@nhs.net"]["replies_per_minute"])  # 30 in the last 30 s, the oldest fading
+    24
+    """
+
+    def __init__(self, n: int = TOP_LISTS, capacity: int = TOP_LISTS_CAPACITY, tau: float = RATE_TAU):
+        self.n = n
+        self.capacity = max(capacity, 2 * n, 2)
+        self.tau = tau
+        self.now = -math.inf
+        self._rates: dict[str, _Rates] = {}
+
+    def __len__(self) -> int:
+        return len(self._rates)
+
+    def observe(self, address: str, t: float, members: int, is_reply: bool) -> None:
+        """One post to ``address`` at event time ``t`` that reached ``members`` mailboxes."""
+        r = self._rates.get(address)
+        if r is None:
+            r = self._rates[address] = _Rates(t)
+            if len(self._rates) > self.capacity:
+                self._prune()
+        weight = 1.0
+        if t > r.t:
+            decay = math.exp(-(t - r.t) / self.tau)
+            r.replies *= decay
+            r.deliveries *= decay
+            r.t = t
+        else:  # a little late: counts as it would have, decayed to the list's own clock
+            weight = math.exp(-(r.t - t) / self.tau)
+        r.deliveries += members * weight
+        if is_reply:
+            r.replies += weight
+        r.members = members
+        if t > self.now:
+            self.now = t
+
+    def _decayed(self, r: _Rates, now: float) -> tuple[float, float]:
+        decay = math.exp(-(now - r.t) / self.tau) if now > r.t else 1.0
+        return r.replies * decay, r.deliveries * decay
+
+    def _prune(self) -> None:
+        now = self.now
+        ranked = sorted(self._rates.items(), key=lambda kv: self._decayed(kv[1], now)[1], reverse=True)
+        self._rates = dict(ranked[: self.capacity // 2])
+
+    def rates(self, address: str) -> Optional[dict]:
+        r = self._rates.get(address)
+        if r is None:
+            return None
+        replies, deliveries = self._decayed(r, self.now)
+        return {"replies_per_minute": replies * 60.0 / self.tau,
+                "deliveries_per_minute": deliveries * 60.0 / self.tau, "members": r.members}
+
+    def top(self) -> list[tuple[str, dict]]:
+        """The ``n`` busiest lists by deliveries per minute, busiest first."""
+        if self.n <= 0:
+            return []
+        now = self.now
+        items = list(self._rates.items())
+        items.sort(key=lambda kv: self._decayed(kv[1], now)[::-1], reverse=True)
+        return [(address, self.rates(address)) for address, _ in items[: self.n]]
+
+
+TOP = TopLists()
+_detectors: "weakref.WeakSet" = weakref.WeakSet()
+#: (topic, partition) -> messages behind the log end, refreshed by observe_consumer.
+_consumer_lag: dict[tuple[str, int], int] = {}
+
+
+class _PerListCollector(Collector):
+    """``stormguard_list_*{list}`` for the busiest and the frozen lists, computed per scrape."""
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        velocity = GaugeMetricFamily("stormguard_list_reply_velocity",
+                                     "Reply-alls to the list per minute (event time, decayed over 1 min)",
+                                     labels=["list"])
+        deliveries = GaugeMetricFamily("stormguard_list_deliveries_per_minute",
+                                       "Mailbox deliveries per minute caused by posts to the list (event time)",
+                                       labels=["list"])
+        window = GaugeMetricFamily("stormguard_list_replies_in_window",
+                                   "Reply-alls in the detector's velocity window (what the policy counts)",
+                                   labels=["list"])
+        norm = GaugeMetricFamily("stormguard_list_reply_norm",
+                                 "Reply-alls per window the list's learned norm makes unremarkable",
+                                 labels=["list"])
+        members = GaugeMetricFamily("stormguard_list_members", "Members at the list's last expansion",
+                                    labels=["list"])
+        frozen = GaugeMetricFamily("stormguard_list_frozen", "1 while the list is frozen", labels=["list"])
+        try:
+            rows = per_list_snapshot()
+        except Exception:  # a scrape must never fail because of one list
+            log.exception("per-list metrics failed")
+            rows = []
+        for address, row in rows:
+            velocity.add_metric([address], row["replies_per_minute"])
+            deliveries.add_metric([address], row["deliveries_per_minute"])
+            window.add_metric([address], row["replies_in_window"])
+            norm.add_metric([address], row["reply_norm"])
+            members.add_metric([address], row["members"])
+            frozen.add_metric([address], 1.0 if row["frozen"] else 0.0)
+        yield from (velocity, deliveries, window, norm, members, frozen)
+
+
+class _ConsumerCollector(Collector):
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        lag = GaugeMetricFamily("stormguard_consumer_lag",
+                                "Records in the partition not yet read by this worker (log end - position)",
+                                labels=["topic", "partition"])
+        assigned = GaugeMetricFamily("stormguard_assigned_partitions",
+                                     "Partitions of the events topic assigned to this worker")
+        snapshot = dict(_consumer_lag)
+        for (topic, partition), value in sorted(snapshot.items()):
+            lag.add_metric([topic, str(partition)], value)
+        assigned.add_metric([], len(snapshot))
+        yield lag
+        yield assigned
+
+
+REGISTRY.register(_PerListCollector())
+REGISTRY.register(_ConsumerCollector())
+
+
+def per_list_snapshot() -> list[tuple[str, dict]]:
+    """Rows of the per-list series: the busiest lists, then frozen ones, bounded in number."""
+    rows: dict[str, dict] = {}
+    detectors = list(_detectors)
+    for address, rates in TOP.top():
+        rows[address] = dict(rates)
+    frozen_extra = 0
+    for det in detectors:
+        for status in det.frozen_lists():
+            if status.list in rows:
+                continue
+            if frozen_extra >= MAX_FROZEN_LISTS:
+                break
+            rows[status.list] = TOP.rates(status.list) or {"replies_per_minute": 0.0,
+                                                            "deliveries_per_minute": 0.0, "members": 0}
+            frozen_extra += 1
+    for address, row in rows.items():
+        row.update(frozen=False, replies_in_window=0, reply_norm=0.0)
+        for det in detectors:
+            state = det.lists.get(address)
+            if state is None:
+                continue
+            t = det.watermark if det.watermark is not None else state.last_seen
+            row["replies_in_window"] = state.velocity.count(t)
+            row["reply_norm"] = state.velocity.expected_upper(det.config.norm_sigmas)
+            row["frozen"] = state.frozen
+            row["members"] = row["members"] or state.members
+            break
+    return list(rows.items())
+
+
+# -- the hooks ------------------------------------------------------------------------------------
+def observe_action(action, produced_at: Optional[float] = None, now: Optional[float] = None) -> None:
+    """Count one published action; ``produced_at`` (epoch s) times produce → action."""
+    ACTIONS.labels(kind=action.kind, detector=action.detector).inc()
+    if produced_at is not None:
+        now = time.time() if now is None else now
+        SCORING_LATENCY.observe(max(0.0, now - produced_at))
+
+
+def observe_event(detector, outcome, produced_at: Optional[float]) -> None:
+    """After each record: count it, time it, note its actions and its lists' rates.
+
+    ``outcome`` is a :class:`detectors.engine.Outcome`; ``produced_at`` is the
+    Kafka record timestamp in epoch seconds (``None`` when the record has none).
+    """
+    now = time.time()
+    if detector is not None and detector not in _detectors:
+        _detectors.add(detector)
+    if produced_at is not None:
+        RECORD_LATENCY.observe(max(0.0, now - produced_at))
+    if outcome.error is not None:
+        EVENTS_INVALID.labels(reason=reason_category(outcome.error)).inc()
+    else:
+        EVENTS_PROCESSED.inc()
+        event = outcome.event
+        if event is not None:
+            t = event.event_time
+            EVENT_TIME_LAG.observe(max(0.0, now - t))
+            DELIVERIES.inc(event.deliveries)
+            if event.lists:
+                reply = event.is_reply
+                if reply:
+                    REPLIES.inc()
+                for address, members in event.lists.items():
+                    TOP.observe(address, t, members, reply)
+    changed = False
+    for action in outcome.actions:
+        observe_action(action, produced_at, now)
+        changed = changed or action.kind != "alert"
+    if changed and detector is not None:
+        _refresh_detector_gauges()
+
+
+def _refresh_detector_gauges() -> None:
+    detectors = list(_detectors)
+    if not detectors:
+        return
+    FROZEN_LISTS.set(sum(len(d.frozen_lists()) for d in detectors))
+    TRACKED_SENDERS.set(sum(len(d.senders) for d in detectors))
+    TRACKED_LISTS.set(sum(len(d.lists) for d in detectors))
+    marks = [d.watermark for d in detectors if d.watermark is not None]
+    if marks:
+        WATERMARK.set(max(marks))
+
+
+def observe_consumer(app, topics: Iterable[str] = (EVENTS_TOPIC,)) -> None:
+    """Every second: consumer lag per assigned partition of ``topics``, and the detector gauges.
+
+    Lag is the partition's log end offset (the consumer's highwater) minus the
+    next offset this worker will read (the last offset handed to a stream + 1,
+    else the committed offset). Partitions whose position is not known yet are
+    left out rather than guessed.
+    """
+    _refresh_detector_gauges()
+    wanted = set(topics)
+    lags: dict[tuple[str, int], int] = {}
+    try:
+        consumer = app.consumer
+        assignment = consumer.assignment()
+    except Exception:  # not started, or between rebalances
+        _consumer_lag.clear()
+        return
+    monitor = getattr(app, "monitor", None)
+    read = getattr(monitor, "tp_read_offsets", None) or {}
+    committed = getattr(monitor, "tp_committed_offsets", None) or {}
+    ends = getattr(monitor, "tp_end_offsets", None) or {}
+    seeded = getattr(consumer, "_committed_offset", None) or {}
+    for tp in assignment:
+        if tp.topic not in wanted:
+            continue
+        try:
+            end = consumer.highwater(tp)
+        except Exception:
+            end = None
+        if end is None:
+            end = ends.get(tp)
+        if end is None:
+            continue
+        if read.get(tp) is not None:
+            position = read[tp] + 1
+        else:
+            position = committed.get(tp)
+            if position is None:
+                position = seeded.get(tp)
+        if position is None:
+            if end:
+                continue  # nothing read, nothing committed: the position is not known yet
+            position = 0
+        lags[(tp.topic, tp.partition)] = max(0, int(end) - int(position))
+    _consumer_lag.clear()
+    _consumer_lag.update(lags)
+
+
+def reset_for_tests() -> None:
+    """Forget per-list rates, detectors and lag (the counters are left as they are)."""
+    global TOP
+    TOP = TopLists()
+    _detectors.clear()
+    _consumer_lag.clear()
