@@ -49,7 +49,7 @@ def _broker(args) -> int:
 
 
 def _run(args) -> int:
-    from stream_jobs.worker import run_worker
+    from stream_jobs.serve import run_worker
 
     return run_worker(broker=args.broker, web_port=args.web_port, embedded_port=args.embedded_port)
 

@@ -57,12 +57,12 @@ def bootstrap_servers(broker: Optional[str]) -> list[str]:
 
 def make_producer(broker: Optional[str], **config):
     from kafka import KafkaProducer
-    from kafka.errors import NoBrokersAvailable
+    from kafka.errors import KafkaError
 
     servers = bootstrap_servers(broker)
     try:
         return KafkaProducer(bootstrap_servers=servers, linger_ms=5, acks=1, **config)
-    except NoBrokersAvailable:
+    except KafkaError:
         raise ReplayError(f"no Kafka broker answers at {','.join(servers)}; "
                           "start one with `stormguard broker` or pass --broker") from None
 

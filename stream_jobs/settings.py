@@ -21,6 +21,8 @@ EVENTS_TOPIC = "mail.events"
 DLQ_TOPIC = "mail.events.dlq"
 ACTIONS_TOPIC = "stormguard.actions"
 LIST_STATE_TOPIC = "stormguard.list-state"
+#: Operators' freeze/unfreeze commands from the admin API, applied in stream order.
+COMMANDS_TOPIC = "stormguard.commands"
 
 
 class SettingsError(ValueError):
@@ -85,6 +87,37 @@ class WorkerSettings:
     heartbeat_interval: float = 0.5
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
+    sasl_mechanism: Optional[str] = None
+    sasl_username: Optional[str] = None
+    sasl_password: Optional[str] = field(default=None, repr=False)
+    ssl_cafile: Optional[str] = None
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
+
+    def kafka_client_options(self) -> dict:
+        """TLS and SASL for production brokers, passed through to Faust (and so to aiokafka)."""
+        import ssl
+
+        context = None
+        if self.ssl_cafile or self.ssl_certfile:
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+            if self.ssl_certfile:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        if self.sasl_mechanism:
+            import faust
+
+            if not (self.sasl_username and self.sasl_password):
+                raise SettingsError("STORMGUARD_KAFKA_SASL_MECHANISM needs STORMGUARD_KAFKA_SASL_USERNAME "
+                                    "and STORMGUARD_KAFKA_SASL_PASSWORD (or _FILE)")
+            return {"broker_credentials": faust.SASLCredentials(
+                username=self.sasl_username, password=self.sasl_password,
+                mechanism=self.sasl_mechanism, ssl_context=context)}
+        if context is not None:
+            import faust
+
+            return {"broker_credentials": faust.SSLCredentials(context)}
+        return {}
+
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides) -> "WorkerSettings":
         env = os.environ if environ is None else environ
@@ -108,6 +141,12 @@ class WorkerSettings:
             session_timeout=num("STORMGUARD_SESSION_TIMEOUT", cls.session_timeout, float),
             heartbeat_interval=num("STORMGUARD_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
             policy=policy_from_env(env),
+            sasl_mechanism=env.get("STORMGUARD_KAFKA_SASL_MECHANISM") or None,
+            sasl_username=env.get("STORMGUARD_KAFKA_SASL_USERNAME") or None,
+            sasl_password=secret("STORMGUARD_KAFKA_SASL_PASSWORD", env),
+            ssl_cafile=env.get("STORMGUARD_KAFKA_SSL_CAFILE") or None,
+            ssl_certfile=env.get("STORMGUARD_KAFKA_SSL_CERTFILE") or None,
+            ssl_keyfile=env.get("STORMGUARD_KAFKA_SSL_KEYFILE") or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["partitions"] < 1:

@@ -1,0 +1,229 @@
+"""The live worker: a Faust app that feeds ``mail.events`` through the detectors.
+
+Declared plainly at module level, as Faust apps are: the app, its topics, the
+``list_state`` table and two short agents. Configuration comes from the
+environment (:class:`stream_jobs.settings.WorkerSettings`), read once at
+import; ``stormguard run`` sets it and then starts this app.
+
+The agents are thin: every decision is :class:`detectors.engine.StormDetector`'s,
+the same object ``stormguard score`` uses offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import time
+import uuid
+from typing import Any, Optional
+
+import faust
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from detectors.engine import ListStatus, StormDetector, process_raw
+from detectors.policy import Action, encode_action
+from stream_jobs import metrics
+from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
+                                  WorkerSettings, secret)
+
+log = logging.getLogger("stormguard.worker")
+
+settings = WorkerSettings.from_env()
+
+app = faust.App(
+    settings.app_id,
+    broker=settings.broker or "kafka://127.0.0.1:9092",
+    store="memory://",
+    datadir=settings.data_dir,
+    web_port=settings.web_port,
+    web_bind=settings.web_host,
+    web_enabled=True,
+    topic_partitions=settings.partitions,
+    consumer_auto_offset_reset="earliest",
+    # The defaults (session 60 s, rebalance 60 s) make a worker wait ~30 s to
+    # join its group; these make it ready in a few seconds, and let a
+    # surviving worker take over a dead one's partitions just as fast.
+    broker_session_timeout=settings.session_timeout,
+    broker_heartbeat_interval=settings.heartbeat_interval,
+    broker_rebalance_timeout=settings.session_timeout,
+    broker_request_timeout=max(30.0, settings.session_timeout * 2),
+    producer_linger_ms=0,
+    **settings.kafka_client_options(),
+)
+
+_raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, **_raw)
+dlq_topic = app.topic(DLQ_TOPIC, partitions=settings.partitions, **_raw)
+actions_topic = app.topic(ACTIONS_TOPIC, partitions=settings.partitions, **_raw)
+list_state_topic = app.topic(LIST_STATE_TOPIC, partitions=settings.partitions, **_raw)
+commands_topic = app.topic(COMMANDS_TOPIC, partitions=settings.partitions, **_raw)
+
+#: Every list's freeze state, changelog-backed: a restarted worker keeps every freeze.
+list_state = app.Table("list_state", default=None, partitions=settings.partitions,
+                       schema=faust.Schema(key_serializer="json", value_serializer="json"))
+
+detector = StormDetector(settings.policy)
+_ready = asyncio.Event()
+_pending_commands: dict[str, asyncio.Future] = {}
+_status_encoder = msgspec.json.Encoder()
+
+
+# -- agents ---------------------------------------------------------------------------
+@app.agent(events_topic)
+async def score(stream):
+    """Score every submitted message; publish what the detectors decide."""
+    _restore_freezes()
+    async for event in stream.events():
+        raw = event.value
+        outcome = process_raw(detector, raw if isinstance(raw, bytes) else bytes(raw or b""))
+        if outcome.error is not None:
+            await _dead_letter(event, outcome.error)
+        for action in outcome.actions:
+            await _publish(action)
+        metrics.observe_event(detector, outcome, _record_time(event))
+
+
+@app.agent(commands_topic)
+async def operate(stream):
+    """Apply operators' freezes and unfreezes from the admin API, in stream order."""
+    async for command in stream:
+        cmd = msgspec.json.decode(command)
+        try:
+            action = detector.operator_action(cmd["kind"], cmd["list"], cmd["at"], cmd["actor"], cmd["reason"])
+        except ValueError as exc:
+            action, error = None, str(exc)
+        else:
+            error = None
+            if action is not None:
+                await _publish(action)
+        future = _pending_commands.pop(cmd["id"], None)
+        if future is not None and not future.done():
+            future.set_result((action, error))
+
+
+@app.timer(1.0)
+async def observe_consumer() -> None:
+    metrics.observe_consumer(app)
+
+
+@app.on_rebalance_complete.connect
+async def _on_ready(sender: Any = None, **kwargs: Any) -> None:
+    _ready.set()
+
+
+# -- effects ----------------------------------------------------------------------------
+async def _publish(action: Action) -> None:
+    key = (action.list or action.sender or "").encode()
+    if action.kind in ("freeze", "unfreeze") and action.list:
+        status = detector.list_status(action.list)
+        list_state[action.list] = msgspec.structs.asdict(status)
+        await list_state_topic.send(key=key, value=_status_encoder.encode(status))
+    await actions_topic.send(key=key, value=encode_action(action))
+
+
+async def _dead_letter(event, reason: str) -> None:
+    """Keep the raw bytes and say why: an operator can fix and replay them."""
+    msg = event.message
+    raw = event.value if isinstance(event.value, bytes) else b""
+    envelope = {
+        "reason": reason,
+        "raw_base64": base64.b64encode(raw).decode(),
+        "source": {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+                   "timestamp": _record_time(event)},
+    }
+    await dlq_topic.send(key=event.key if isinstance(event.key, bytes) else None,
+                         value=msgspec.json.encode(envelope),
+                         headers=[("stormguard-reason", reason.encode()[:1024])])
+    log.warning("dead-lettered %s/%s@%s: %s", msg.topic, msg.partition, msg.offset, reason)
+
+
+def _record_time(event) -> Optional[float]:
+    ts = getattr(event.message, "timestamp", None)
+    return ts / 1000.0 if ts else None
+
+
+def _restore_freezes() -> None:
+    restored = 0
+    for address, value in list_state.items():
+        if value and value.get("frozen"):
+            detector.restore(msgspec.convert(value, ListStatus))
+            restored += 1
+    if restored:
+        log.warning("restored %d frozen list(s) from the list_state changelog", restored)
+
+
+# -- web ----------------------------------------------------------------------------------
+@app.page("/healthz")
+async def healthz(web, request):
+    if not _ready.is_set():
+        return web.json({"status": "starting"}, status=503)
+    return web.json({"status": "ok", "events_seen": detector.events_seen,
+                     "frozen_lists": len(detector.frozen_lists())})
+
+
+@app.page("/metrics")
+async def prometheus_metrics(web, request):
+    return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+@app.page("/api/lists")
+async def frozen_lists(web, request):
+    return web.json({"frozen": [_status_json(s) for s in detector.frozen_lists()]})
+
+
+@app.page("/api/lists/{address}")
+async def list_view(web, request, address: str):
+    return web.json(_status_json(_status_of(address)))
+
+
+@app.page("/api/lists/{address}/{verb}")
+class ListCommand(faust.web.View):
+    """POST /api/lists/{address}/freeze|unfreeze: operators act, as themselves, with a reason."""
+
+    async def post(self, request, address: str, verb: str):
+        token = secret("STORMGUARD_ADMIN_TOKEN")
+        if not token:
+            return self.json({"error": "admin API disabled: set STORMGUARD_ADMIN_TOKEN"}, status=403)
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return self.json({"error": "missing or wrong bearer token"}, status=401)
+        if verb not in ("freeze", "unfreeze"):
+            return self.json({"error": f"unknown action {verb!r}: use freeze or unfreeze"}, status=404)
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return self.json({"error": "body is not JSON"}, status=400)
+        if not isinstance(body, dict):
+            return self.json({"error": "body must be a JSON object"}, status=400)
+        actor = str(body.get("actor") or "operator")[:200]
+        reason = str(body.get("reason") or f"{verb} by {actor}")[:1000]
+        command = {"id": uuid.uuid4().hex, "kind": verb, "list": address, "actor": actor, "reason": reason,
+                   "at": time.time()}
+        future = asyncio.get_running_loop().create_future()
+        _pending_commands[command["id"]] = future
+        await commands_topic.send(key=address.encode(), value=msgspec.json.encode(command))
+        try:
+            action, error = await asyncio.wait_for(future, timeout=10.0)
+        except asyncio.TimeoutError:
+            _pending_commands.pop(command["id"], None)
+            return self.json({"error": "accepted, but not applied within 10 s; check /api/lists"}, status=202)
+        if error:
+            return self.json({"error": error}, status=400)
+        return self.json({"applied": action is not None, "status": _status_json(_status_of(address))})
+
+
+def _status_of(address: str) -> ListStatus:
+    status = detector.list_status(address)
+    if not status.frozen:
+        stored = list_state.get(address)
+        if stored and stored.get("frozen"):
+            return msgspec.convert(stored, ListStatus)
+    return status
+
+
+def _status_json(status: ListStatus) -> dict:
+    return {"list": status.list, "frozen": status.frozen, "since": status.since, "reason": status.reason,
+            "until": status.until, "actor": status.actor}

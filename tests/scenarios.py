@@ -1,0 +1,40 @@
+"""Small hand-made event streams for the core tests (the simulator makes the big ones)."""
+
+from __future__ import annotations
+
+import json
+
+T0 = 1_479_110_000.0  # Monday 14 November 2016, early morning (UTC)
+
+
+def background(n: int = 150, people: int = 30, start: float = T0) -> list[dict]:
+    """Ordinary person-to-person mail: enough to finish the warm-up."""
+    return [{"message_id": f"bg{i}", "timestamp": start + i * 10, "sender": f"u{i % people}@nhs.net",
+             "recipients": [f"u{(i + 1) % people}@nhs.net", f"u{(i + 7) % people}@nhs.net"][: 1 + i % 2]}
+            for i in range(n)]
+
+
+def nhsmail_storm(start: float, replies: int = 8, members: int = 840_000, lst: str = "all@nhs.net") -> list[dict]:
+    """A test message from someone who never posts to lists, then reply-alls."""
+    out = [{"message_id": "root", "timestamp": start, "sender": "consultant@supplier.example",
+            "recipients": [lst], "lists": {lst: members}, "subject": "test"}]
+    for j in range(replies):
+        out.append({"message_id": f"reply{j}", "timestamp": start + 40 + j * 7, "sender": f"staff{j}@nhs.net",
+                    "recipients": [lst], "lists": {lst: members}, "subject": "RE: test",
+                    "in_reply_to": "root" if j % 2 == 0 else f"reply{j - 1}"})
+    return out
+
+
+BAD_RECORDS: list[bytes] = [
+    b"not json at all",
+    b'{"message_id": "m", "timestamp": 5}',
+    b'{"message_id": "m", "timestamp": -5, "sender": "a", "recipients": ["b"]}',
+    b'{"message_id": "m", "timestamp": 1e400, "sender": "a", "recipients": ["b"]}',
+    b'{"message_id": "m", "timestamp": 1479110000, "sender": "a", "recipients": []}',
+    b'{"message_id": "m", "timestamp": 1479110000, "sender": "a", "recipients": ["b"], "delivered_count": -1}',
+    b'\xff\xfe\x00garbage',
+]
+
+
+def lines(events: list[dict]) -> list[bytes]:
+    return [json.dumps(e).encode() for e in events]

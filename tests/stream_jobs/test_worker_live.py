@@ -1,0 +1,138 @@
+"""The live pipeline against a real embedded broker and real worker processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, STORMGUARD, http_json, produce_lines, read_topic
+from tests.scenarios import BAD_RECORDS, T0, background, lines, nhsmail_storm
+
+pytestmark = pytest.mark.live
+
+
+def _wait_for(predicate, timeout=30.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def _actions(broker) -> list[dict]:
+    return [json.loads(r.value) for r in read_topic(broker.bootstrap, "stormguard.actions")]
+
+
+def test_storm_is_frozen_live_and_bad_records_are_dead_lettered(broker, start_worker):
+    worker = start_worker(broker.url)
+    assert worker.get("/api/lists/all@nhs.net")["frozen"] is False
+
+    events = background() + nhsmail_storm(T0 + 3000)
+    produce_lines(broker.bootstrap, lines(events) + BAD_RECORDS)
+
+    status = _wait_for(lambda: (s := worker.get("/api/lists/all@nhs.net"))["frozen"] and s)
+    assert status["list"] == "all@nhs.net" and status["since"] == T0 + 3000 + 40
+    assert "anomalous" in status["reason"]
+
+    freezes = _wait_for(lambda: [a for a in _actions(broker) if a["kind"] == "freeze"])
+    assert len(freezes) == 1, freezes  # idempotent: later replies do not freeze again
+    assert freezes[0]["message_id"] == "reply0" and freezes[0]["list"] == "all@nhs.net"
+
+    dlq = _wait_for(lambda: (r := read_topic(broker.bootstrap, "mail.events.dlq")) and len(r) >= len(BAD_RECORDS) and r)
+    envelopes = [json.loads(r.value) for r in dlq]
+    assert len(envelopes) == len(BAD_RECORDS)
+    import base64
+    assert sorted(base64.b64decode(e["raw_base64"]) for e in envelopes) == sorted(BAD_RECORDS)
+    assert all(e["reason"] for e in envelopes)
+
+    state = [json.loads(r.value) for r in read_topic(broker.bootstrap, "stormguard.list-state")]
+    assert state and state[-1]["list"] == "all@nhs.net" and state[-1]["frozen"] is True
+
+    metrics = urllib_get(worker.url + "/metrics")
+    assert f"stormguard_events_processed_total {float(len(events))}" in metrics
+    invalid = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("stormguard_events_invalid_total"))
+    assert invalid == len(BAD_RECORDS)
+    assert 'stormguard_actions_total{detector="reply_to_anomalous_post",kind="freeze"} 1.0' in metrics
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
+def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path):
+    """One decision path: `stormguard score` and the live worker agree action for action."""
+    events = background(300) + nhsmail_storm(T0 + 4000, replies=5)
+    # A second storm whose first post is ordinary: a bulletin from its usual owner, then reply-alls.
+    for k in range(3):
+        events.append({"message_id": f"bul{k}", "timestamp": T0 + 5000 + k * 600, "sender": "comms@nhs.net",
+                       "recipients": ["bulletin@nhs.net"], "lists": {"bulletin@nhs.net": 50_000},
+                       "subject": f"Weekly bulletin {k}"})
+    for j in range(5):
+        events.append({"message_id": f"bre{j}", "timestamp": T0 + 6300 + j * 30, "sender": f"x{j}@nhs.net",
+                       "recipients": ["bulletin@nhs.net"], "lists": {"bulletin@nhs.net": 50_000},
+                       "subject": "RE: Weekly bulletin 2", "in_reply_to": "bul2"})
+    events.sort(key=lambda e: e["timestamp"])
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines(events)) + b"\n")
+
+    offline = subprocess.run(STORMGUARD + ["score", str(path)], cwd=ROOT, capture_output=True, check=True)
+    offline_actions = [json.loads(l) for l in offline.stdout.splitlines()]
+    assert [a["kind"] for a in offline_actions].count("freeze") == 2, offline_actions
+
+    worker = start_worker(broker.url)
+    produce_lines(broker.bootstrap, lines(events))
+    live_actions = _wait_for(lambda: (a := _actions(broker)) and len(a) >= len(offline_actions) and a)
+    key = lambda a: (a["kind"], a["list"], a["message_id"], a["detector"], a["score"], a["action_id"])
+    assert [key(a) for a in live_actions] == [key(a) for a in offline_actions]
+
+
+def test_restart_keeps_every_freeze(broker, start_worker):
+    worker = start_worker(broker.url)
+    produce_lines(broker.bootstrap, lines(background() + nhsmail_storm(T0 + 3000, replies=2)))
+    _wait_for(lambda: worker.get("/api/lists/all@nhs.net")["frozen"])
+    time.sleep(3.5)  # past Faust's commit interval, so the changelog is written
+    worker.kill()
+
+    again = start_worker(broker.url, app_id=worker.app_id)
+    status = again.get("/api/lists/all@nhs.net")
+    assert status["frozen"] is True and "anomalous" in status["reason"]
+    # More reply-alls after the restart do not produce a second freeze.
+    produce_lines(broker.bootstrap, lines([{"message_id": "late-reply", "timestamp": T0 + 3200,
+                                            "sender": "z@nhs.net", "recipients": ["all@nhs.net"],
+                                            "lists": {"all@nhs.net": 840_000}, "subject": "RE: test",
+                                            "in_reply_to": "root"}]))
+    time.sleep(2)
+    assert [a["kind"] for a in _actions(broker)].count("freeze") == 1
+
+
+def test_admin_api_needs_a_token_and_records_who_and_why(broker, start_worker):
+    open_worker = start_worker(broker.url)
+    code, body = http_json(open_worker.url + "/api/lists/ops@nhs.net/freeze", "POST", {"reason": "x"})
+    assert code == 403 and "STORMGUARD_ADMIN_TOKEN" in body["error"]
+    open_worker.stop()
+
+    worker = start_worker(broker.url, env={"STORMGUARD_ADMIN_TOKEN": "s3cret-token"})
+    code, body = http_json(worker.url + "/api/lists/ops@nhs.net/freeze", "POST", {"reason": "x"}, token="wrong")
+    assert code == 401 and "s3cret" not in json.dumps(body)
+    code, body = http_json(worker.url + "/api/lists/ops@nhs.net/freeze", "POST",
+                           {"reason": "planned migration", "actor": "alice"}, token="s3cret-token")
+    assert code == 200 and body["applied"] is True and body["status"]["frozen"] is True
+    assert worker.get("/api/lists/ops@nhs.net")["actor"] == "alice"
+    code, body = http_json(worker.url + "/api/lists/ops@nhs.net/unfreeze", "POST", {"actor": "bob"},
+                           token="s3cret-token")
+    assert code == 200 and body["status"]["frozen"] is False
+    published = _wait_for(lambda: (a := _actions(broker)) and len(a) >= 2 and a)
+    ops = [a for a in published if a["list"] == "ops@nhs.net"]
+    assert [(a["kind"], a["actor"], a["detector"]) for a in ops] == [("freeze", "alice", "operator"),
+                                                                    ("unfreeze", "bob", "operator")]
+    assert ops[0]["reason"] == "planned migration"
