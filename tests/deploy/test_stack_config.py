@@ -1,0 +1,102 @@
+"""docker-compose.yml against the Compose specification's JSON schema; Prometheus configs by promtool."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from stream_jobs.localstack import scrape_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = json.loads((ROOT / "deploy" / "schemas" / "compose-spec.json").read_text())
+PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _errors(doc: dict) -> list[str]:
+    validator = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_schema_is_the_compose_specification():
+    assert SCHEMA["title"] == "Compose Specification"
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+def test_compose_file_is_valid_compose():
+    assert _errors(_compose()) == []
+
+
+def test_the_schema_check_rejects_broken_compose():
+    bad = copy.deepcopy(_compose())
+    bad["services"]["kafka"]["restart_policy"] = "always"  # not a service key
+    assert _errors(bad)
+    bad = copy.deepcopy(_compose())
+    bad["services"]["grafana"]["ports"] = "3000:3000"  # must be a list
+    assert _errors(bad)
+
+
+def test_stack_has_the_production_shape():
+    services = _compose()["services"]
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
+    assert not any("zookeeper" in name for name in services)
+    workers = [s for name, s in services.items() if name.startswith("stormguard-")]
+    assert len(workers) == 2
+    assert {w["environment"]["STORMGUARD_APP_ID"] for w in workers} == {"stormguard"}  # one group: shared partitions
+    assert int(workers[0]["environment"]["STORMGUARD_PARTITIONS"]) >= 2
+    assert all(w["command"][:1] == ["run"] and "kafka://kafka:9092" in w["command"] for w in workers)
+    sim = services["simulator"]["command"]
+    assert sim[0] == "simulate" and sim[sim.index("--scenario") + 1] == "nhsmail"
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["grafana"]["image"].startswith("grafana/grafana")
+    assert "mailman-core" in services["mailman-core"]["image"]
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["stormguard"]' in dockerfile
+
+
+def test_prometheus_scrapes_both_workers_as_the_dashboards_expect():
+    from stream_jobs.dashboards import JOB
+
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == JOB)
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    services = _compose()["services"]
+    assert sorted(targets) == sorted(f"{name}:6066" for name in services if name.startswith("stormguard-"))
+
+
+def _promtool(path: Path) -> subprocess.CompletedProcess:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool missing: Debian's prometheus package is not installed (make install installs it)")
+    return subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_accepts_the_stack_config():
+    result = _promtool(PROMETHEUS_YML)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_accepts_the_live_test_config_and_rejects_a_broken_one(tmp_path):
+    good = tmp_path / "good.yml"
+    good.write_text(scrape_config(["127.0.0.1:6066"]))
+    assert _promtool(good).returncode == 0
+    bad = tmp_path / "bad.yml"
+    bad.write_text(PROMETHEUS_YML.read_text().replace("scrape_interval: 5s", "scrape_interval: often", 1))
+    assert _promtool(bad).returncode != 0
