@@ -61,6 +61,7 @@ def make_producer(broker: Optional[str], **config):
 
     servers = bootstrap_servers(broker)
     try:
+        config.setdefault("bootstrap_timeout_ms", 10_000)
         return KafkaProducer(bootstrap_servers=servers, linger_ms=5, acks=1, **config)
     except KafkaError:
         raise ReplayError(f"no Kafka broker answers at {','.join(servers)}; "

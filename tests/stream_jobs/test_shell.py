@@ -1,0 +1,98 @@
+"""The thin shell around the core: settings, the embedded broker, routing, the `score` command."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import pytest
+
+from detectors.policy import PolicyConfig
+from stream_jobs.broker import BrokerError, EmbeddedBroker, free_port
+from stream_jobs.replay import bootstrap_servers, routing_key
+from stream_jobs.settings import SettingsError, WorkerSettings, policy_from_env, secret
+from tests.conftest import ROOT, STORMGUARD
+from tests.scenarios import BAD_RECORDS, T0, background, lines, nhsmail_storm
+
+
+def test_policy_overrides_from_environment():
+    cfg = policy_from_env({"STORMGUARD_MIN_REPLIES": "5", "STORMGUARD_COOLDOWN": "60",
+                           "STORMGUARD_ALLOW_LISTS": "a@x, b@x", "STORMGUARD_UNRELATED": "1"})
+    assert cfg.min_replies == 5 and cfg.cooldown == 60.0 and cfg.allow_lists == frozenset({"a@x", "b@x"})
+    assert cfg.fanout_z == PolicyConfig().fanout_z
+
+
+@pytest.mark.parametrize("env, name", [({"STORMGUARD_MIN_REPLIES": "three"}, "STORMGUARD_MIN_REPLIES"),
+                                       ({"STORMGUARD_COOLDOWN": "-1"}, "cooldown"),
+                                       ({"STORMGUARD_PARTITIONS": "0"}, "STORMGUARD_PARTITIONS")])
+def test_bad_settings_name_the_setting(env, name):
+    with pytest.raises(SettingsError, match=name):
+        WorkerSettings.from_env(env)
+
+
+def test_secrets_come_from_env_or_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("from-file\n")
+    assert secret("TOKEN", {"TOKEN_FILE": str(path)}) == "from-file"
+    assert secret("TOKEN", {"TOKEN": "direct", "TOKEN_FILE": str(path)}) == "direct"
+    with pytest.raises(SettingsError, match="TOKEN_FILE") as err:
+        secret("TOKEN", {"TOKEN_FILE": str(tmp_path / "missing")})
+    assert "from-file" not in str(err.value)
+
+
+def test_sasl_needs_credentials():
+    with pytest.raises(SettingsError, match="SASL"):
+        WorkerSettings.from_env({"STORMGUARD_KAFKA_SASL_MECHANISM": "PLAIN"}).kafka_client_options()
+    opts = WorkerSettings.from_env({"STORMGUARD_KAFKA_SASL_MECHANISM": "PLAIN", "STORMGUARD_KAFKA_SASL_USERNAME": "u",
+                                    "STORMGUARD_KAFKA_SASL_PASSWORD": "p"}).kafka_client_options()
+    assert opts["broker_credentials"].mechanism.value == "PLAIN"
+
+
+def test_records_are_keyed_by_list_then_sender():
+    assert routing_key(b'{"sender": "a@x", "lists": {"z@x": 5, "b@x": 9}}') == b"b@x"
+    assert routing_key(b'{"sender": "a@x", "recipients": ["q@x"]}') == b"a@x"
+    assert routing_key(b"not json") is None
+    assert bootstrap_servers("kafka://h1:9092;kafka://h2:9093") == ["h1:9092", "h2:9093"]
+
+
+def test_embedded_broker_starts_listens_and_stops():
+    port = free_port()
+    with EmbeddedBroker(port=port) as broker:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+        with pytest.raises(BrokerError, match="already in use"):
+            EmbeddedBroker(port=port).start()
+    assert broker.proc.poll() is not None
+
+
+def test_score_prints_actions_in_input_order_and_reports_dead_letters(tmp_path):
+    path = tmp_path / "in.jsonl"
+    events = background() + nhsmail_storm(T0 + 3000, replies=3)
+    path.write_bytes(b"\n".join(lines(events) + BAD_RECORDS[:2]) + b"\n")
+    dead = tmp_path / "dead.jsonl"
+    run = subprocess.run(STORMGUARD + ["score", str(path), "--dead-letters", str(dead)], cwd=ROOT,
+                         capture_output=True, check=True)
+    actions = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(a["kind"], a["message_id"]) for a in actions] == [("alert", "root"), ("freeze", "reply0")]
+    assert b"2 dead-lettered" in run.stderr
+    rejected = [json.loads(line) for line in dead.read_bytes().splitlines()]
+    assert [r["record"] for r in rejected] == [len(events) + 1, len(events) + 2]
+    assert all(r["reason"] for r in rejected)
+
+
+def test_score_from_stdin_and_missing_file():
+    events = background(120) + nhsmail_storm(T0 + 2000, replies=1)
+    run = subprocess.run(STORMGUARD + ["score", "-"], cwd=ROOT, input=b"\n".join(lines(events)),
+                         capture_output=True, check=True)
+    assert b'"kind":"freeze"' in run.stdout
+    missing = subprocess.run(STORMGUARD + ["score", "/nonexistent.jsonl"], cwd=ROOT, capture_output=True)
+    assert missing.returncode == 2 and b"no such file" in missing.stderr
+
+
+def test_replay_without_a_broker_says_so(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(lines(background(3))))
+    run = subprocess.run(STORMGUARD + ["replay", str(path), "--broker", f"kafka://127.0.0.1:{free_port()}",
+                                       "--no-progress"], cwd=ROOT, capture_output=True, timeout=120)
+    assert run.returncode == 1 and b"no Kafka broker answers" in run.stderr
