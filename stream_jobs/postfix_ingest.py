@@ -61,7 +61,7 @@ _MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun",
 _LINE = re.compile(
     r"^(?:(?P<iso>\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?)"
     r"|(?P<mon>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) (?P<hms>\d\d:\d\d:\d\d)(?:\.\d+)?)"
-    r" +\S+ +(?P<prog>[^\s\[:]+)(?:\[\d+\])?: +(?P<qid>[0-9A-Za-z]{5,20}): (?P<rest>.*)$")
+    r" +(?P<host>\S+) +(?P<prog>[^\s\[:]+)(?:\[(?P<pid>\d+)\])?: +(?P<qid>[0-9A-Za-z]{5,20}): (?P<rest>.*)$")
 _QMGR = re.compile(r"^from=<(?P<sender>.*?)>, size=(?P<size>\d+), nrcpt=(?P<nrcpt>\d+)")
 _DELIVERY = re.compile(r"^to=<(?P<to>[^>]*)>, (?:orig_to=<(?P<orig>[^>]*)>, )?relay=.*?"
                        r"\bstatus=(?P<status>[a-z]+)")
@@ -71,7 +71,7 @@ _HEADER = re.compile(r"^(?:info|warning): header (?P<name>[!-9;-~]+):[ \t]*(?P<v
                      r" from=<(?P<sender>.*?)> to=<(?P<to>[^>]*)>")
 _MSGID = re.compile(r"^message-id=(?P<mid>.*)$")
 _ANGLE = re.compile(r"<[^<>\s]+>")
-_NOT_QIDS = frozenset({"NOQUEUE", "warning", "fatal", "panic", "error", "statistics", "connect",
+_NOT_QIDS = frozenset({"warning", "fatal", "panic", "error", "statistics", "connect",
                        "disconnect", "lost", "timeout", "Anonymous", "Trusted", "Untrusted", "Verified"})
 # Daemons whose "QID: ..." lines carry nothing Stormguard needs; skipping them early is cheap.
 _SKIP_PROGS = frozenset({"bounce", "postsuper", "postqueue", "anvil", "scache", "tlsmgr", "verify"})
@@ -170,6 +170,7 @@ class _Message:
     in_reply_to: Optional[str] = None
     header_to: Optional[str] = None
     held: bool = False
+    content_seen: bool = False  # cleanup has logged about it: its RCPT phase is over
     emitted: bool = False
     accounted: int = 0
     #: original recipient → delivery lines seen for it
@@ -209,6 +210,8 @@ class PostfixLogParser:
         self.now = 0.0  # newest log time seen
         self._pending: "OrderedDict[str, _Message]" = OrderedDict()
         self._active: "OrderedDict[str, float]" = OrderedDict()  # qid → time its emit_after ends
+        #: smtpd process → (queue id it has open or None after a NOQUEUE hold, log time)
+        self._sessions: "OrderedDict[tuple, tuple[Optional[str], float]]" = OrderedDict()
         self.stats = {"lines": 0, "events": 0, "held": 0, "dropped": 0, "unparsed_time": 0}
 
     # -- input -----------------------------------------------------------------------------------
@@ -231,20 +234,47 @@ class PostfixLogParser:
             return []
         if ts > self.now:
             self.now = ts
-        out = self._handle(qid, ts, m["rest"])
+        session = (m["host"], m["prog"], m["pid"]) if daemon == "smtpd" else None
+        if qid == "NOQUEUE":
+            if session is not None and m["rest"].startswith("hold: "):
+                self._smtpd_hold(session, ts)
+            return []
+        out = self._handle(qid, ts, m["rest"], daemon, session)
         out.extend(self.flush(self.now))
         return out
 
-    def _handle(self, qid: str, ts: float, rest: str) -> list[MailEvent]:
+    def _smtpd_hold(self, session: tuple, ts: float) -> None:
+        """``NOQUEUE: hold: RCPT ...`` (a HOLD at RCPT time): it names no queue id, but the
+        message is the one this smtpd process has open, or opens next (its ``client=`` line)."""
+        self.stats["held"] += 1
+        current = self._sessions.get(session)
+        if current is not None:
+            msg = self._pending.get(current[0])
+            if msg is not None and not msg.content_seen:
+                msg.held = True  # a later RCPT of the message still in its envelope phase
+                return
+        self._sessions[session] = (None, ts)
+        self._sessions.move_to_end(session)
+
+    def _handle(self, qid: str, ts: float, rest: str, daemon: str = "", session: Optional[tuple] = None
+                ) -> list[MailEvent]:
         msg = self._pending.get(qid)
         if rest.startswith("client=") or rest.startswith("uid="):
             if msg is None or msg.emitted:
-                self._start(qid, ts)
+                msg = self._start(qid, ts)
+            if session is not None:
+                mark = self._sessions.pop(session, None)
+                if mark is not None and mark[0] is None and ts - mark[1] <= 60.0:
+                    msg.held = True  # the HOLD logged just before this message had a queue id
+                self._sessions[session] = (qid, ts)
+                while len(self._sessions) > 10_000:
+                    self._sessions.popitem(last=False)
             return []
         mm = _MSGID.match(rest)
         if mm:
             if msg is None:
                 msg = self._start(qid, ts)
+            msg.content_seen = True
             mid = mm["mid"].strip()
             msg.message_id = mid or None
             return []
@@ -252,6 +282,7 @@ class PostfixLogParser:
         if hm:
             if msg is None:
                 msg = self._start(qid, ts)
+            msg.content_seen = True
             self._header(msg, hm)
             return []
         if msg is None:
@@ -259,6 +290,13 @@ class PostfixLogParser:
         if rest.startswith("hold: "):
             msg.held = True
             self.stats["held"] += 1
+            return []
+        if rest.startswith(("reject: ", "discard: ", "milter-reject: ", "milter-discard: ")):
+            # cleanup (header/body checks, milters) or smtpd after DATA refused the whole message;
+            # smtpd's "reject: RCPT from" refuses one recipient and the message goes on
+            if daemon != "smtpd" or not rest.split(": ", 1)[1].startswith(("RCPT ", "MAIL ")):
+                self._pending.pop(qid, None)
+                self._active.pop(qid, None)
             return []
         qm = _QMGR.match(rest)
         if qm:
@@ -283,9 +321,6 @@ class PostfixLogParser:
             if not msg.emitted and not msg.held and msg.nrcpt is not None:
                 return self._emit(msg)
             return []
-        if rest.startswith(("reject: ", "discard: ", "milter-reject: ", "milter-discard: ")):
-            self._pending.pop(qid, None)  # cleanup refused it: no delivery
-            self._active.pop(qid, None)
         return []
 
     def _start(self, qid: str, ts: float) -> _Message:
