@@ -35,7 +35,7 @@ Guarantees
 Metrics on ``--web-port`` (``GET /metrics``; ``GET /healthz`` is 200 once every
 sink's consumer has joined its group): ``stormguard_outbox_backlog`` (actions
 not yet delivered, summed over sinks), ``stormguard_delivery_failures_total{sink}``
-(failed attempts, by sink kind), ``stormguard_deliveries_total{sink,outcome}``.
+(failed attempts, by sink kind), ``stormguard_actions_delivered_total{sink,outcome}``.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _metrics():
 
     global _DELIVERIES
     if _DELIVERIES is None:
-        _DELIVERIES = Counter("stormguard_deliveries", "Actions handled by a sink, by outcome "
+        _DELIVERIES = Counter("stormguard_actions_delivered", "Actions handled by a sink, by outcome "
                               "(delivered, skipped, dead_lettered)", ["sink", "outcome"], registry=metrics.REGISTRY)
     return (metrics.REGISTRY, getattr(metrics, "OUTBOX_BACKLOG", None), getattr(metrics, "DELIVERY_FAILURES", None),
             _DELIVERIES)
