@@ -97,10 +97,10 @@ local_transport = discard:stormguard-test
 virtual_transport = discard:stormguard-test
 header_checks = regexp:{b}/header_checks
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-# the policy check comes before permit_mynetworks: internal senders start storms
-smtpd_recipient_restrictions =
-    check_policy_service {{ inet:127.0.0.1:{self.policy_port}, timeout=10s, default_action=DUNNO }},
-    permit_mynetworks, reject_unauth_destination
+# as docs/postfix.md has it: the policy check comes before permit_mynetworks (internal senders
+# start storms), and Postfix itself fails open (DUNNO) if the policy server is down
+stormguard_policy = check_policy_service {{ inet:127.0.0.1:{self.policy_port}, timeout=10s, default_action=DUNNO }}
+smtpd_recipient_restrictions = $stormguard_policy, permit_mynetworks, reject_unauth_destination
 """)
         services = ["pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
                     "qmgr unix n - n 300 1 qmgr", "rewrite unix - - n - - trivial-rewrite",
@@ -226,6 +226,13 @@ def test_postfix_events_in_freeze_out_mail_to_the_frozen_list_is_held(broker, st
         children.append(policy)
         _wait(lambda: _port_open(policy_port) or not policy.alive(), 30, "the policy server")
         assert policy.alive(), policy.log()
+        # a second policy server, reading the worker's HTTP API instead of the topic (not wired to Postfix)
+        api_port = free_port()
+        api_policy = _Child(["policy", "--listen", f"127.0.0.1:{api_port}", "--worker-url", worker.url,
+                             "--action", "defer", "--cache-ttl", "0.5"], tmp_path / "policy-api.log")
+        children.append(api_policy)
+        _wait(lambda: _port_open(api_port) or not api_policy.alive(), 30, "the worker-API policy server")
+        assert api_policy.alive(), api_policy.log()
 
         mta.start()
         ingest = _Child(["-v", "ingest", "postfix-log", "--follow", str(mta.maillog), "--lists", str(mta.virtual),
@@ -260,6 +267,9 @@ def test_postfix_events_in_freeze_out_mail_to_the_frozen_list_is_held(broker, st
         # 3. the freeze reaches the policy server through stormguard.list-state
         _wait(lambda: _policy_answer(policy_port, LIST).startswith("action=HOLD "), 30,
               f"the policy server to see the freeze\n{policy.log()}")
+        _wait(lambda: _policy_answer(api_port, LIST).startswith("action=DEFER 4."), 30,
+              f"the worker-API policy server to see the freeze\n{api_policy.log()}")
+        assert _policy_answer(api_port, "x@members.example.test") == "action=DUNNO\n\n"
 
         # 4. further mail to the list lands in the hold queue; mail to other addresses flows
         mta.send("carol@example.test", [LIST], "RE: Test message", "<reply2@example.test>",
