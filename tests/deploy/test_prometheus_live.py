@@ -63,6 +63,12 @@ def test_worker_exports_what_the_storm_did(stack):
     while _value(prom.wait_for(f"sum(stormguard_consumer_lag{{{j}}})")) != 0:
         assert time.monotonic() < deadline, "consumer lag never came back to 0"
         time.sleep(1)
+    # latency is real: the freeze came well inside the 1 s promise (slack for a busy 2-core machine),
+    # and every record was scored within seconds of being produced
+    p99 = prom.wait_for(f"histogram_quantile(0.99, sum by (le) (stormguard_produce_to_action_seconds_bucket{{{j}}}))")
+    assert 0 <= _value(p99) <= 2.5, p99
+    p50 = prom.wait_for(f"histogram_quantile(0.5, sum by (le) (stormguard_record_latency_seconds_bucket{{{j}}}))")
+    assert 0 <= _value(p50) <= 5, p50
     # bounded cardinality: one series per exported list, far fewer than senders
     series = prom.wait_for(f"count(stormguard_list_deliveries_per_minute{{{j}}})")
     assert _value(series) <= 20
