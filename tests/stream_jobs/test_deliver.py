@@ -253,3 +253,66 @@ async def test_rejected_and_undecodable_actions_are_dead_lettered_and_delivery_m
         assert len(gw.requests) == 2 * len(actions)
         assert [r["headers"]["idempotency-key"] for r in gw.requests[::2]] == [a.action_id for a in actions]
         assert not deliverer.crashed
+
+
+@pytest.mark.live
+def test_storm_to_mailman_grafana_and_webhook_end_to_end(broker, start_worker, start_deliver, tmp_path):
+    """mail.events → worker → stormguard.actions → deliver → a real Mailman list frozen, then released by an
+    operator; the same incident shows as a Grafana region and a firing-then-resolved Alertmanager alert."""
+    from tests.conftest import produce_lines
+    from tests.scenarios import T0 as S0, background, lines, nhsmail_storm
+    from tests.stream_jobs.receivers import MailmanCore
+
+    address = "all@nhs.example"
+    core = MailmanCore(ROOT, tmp_path)
+    core.install()
+    core.start()
+    rx = WebhookReceiver(SECRET).start()
+    grafana = FakeGrafana(token="glsa_e2e").start()
+    try:
+        client = core.client()
+        client.create_domain("nhs.example").create_list("all")
+        assert client.get_list(address).settings["emergency"] is False
+
+        worker = start_worker(broker.url, env={"STORMGUARD_ADMIN_TOKEN": "e2e-admin-token"})
+        deliver = start_deliver(broker.url, {
+            "STORMGUARD_WEBHOOK_URLS": rx.hook_url, "STORMGUARD_WEBHOOK_SECRET": SECRET,
+            "GRAFANA_URL": grafana.url, "GRAFANA_TOKEN": "glsa_e2e", "GRAFANA_DASHBOARD_UID": "stormguard",
+            "STORMGUARD_MAILMAN_URL": core.url, "STORMGUARD_MAILMAN_USER": core.user,
+            "STORMGUARD_MAILMAN_PASSWORD": core.password})
+        produce_lines(broker.bootstrap, lines(background() + nhsmail_storm(S0 + 3000, lst=address)))
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not core.client().get_list(address).settings["emergency"]:
+            time.sleep(0.3)
+        assert core.client().get_list(address).settings["emergency"] is True, deliver.log()
+
+        def firing():
+            return [b for b in rx.by_id.values() if b["status"] == "firing"
+                    and b["alerts"][0]["labels"].get("list") == address
+                    and b["alerts"][0]["annotations"]["action"] == "freeze"]
+
+        assert rx.wait_for(lambda: firing(), 30)
+        assert grafana.wait_for(lambda: len(grafana.annotations) == 1, 30)
+
+        code, body = http_json(worker.url + f"/api/lists/{address}/unfreeze", "POST",
+                               {"actor": "duty-manager", "reason": "storm over"}, token="e2e-admin-token")
+        assert code == 200, body
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and core.client().get_list(address).settings["emergency"]:
+            time.sleep(0.3)
+        assert core.client().get_list(address).settings["emergency"] is False, deliver.log()
+
+        assert rx.wait_for(lambda: any(b["status"] == "resolved" for b in rx.by_id.values()), 30)
+        resolved = [b for b in rx.by_id.values() if b["status"] == "resolved"]
+        assert len(resolved) == 1
+        assert resolved[0]["alerts"][0]["fingerprint"] == firing()[0]["alerts"][0]["fingerprint"]
+        assert resolved[0]["alerts"][0]["annotations"]["actor"] == "duty-manager"
+        assert grafana.wait_for(lambda: all(a["timeEnd"] > a["time"] for a in grafana.annotations.values()), 30)
+        (ann,) = grafana.annotations.values()
+        assert ann["tags"] == ["stormguard", "freeze", address] and ann["dashboardUID"] == "stormguard"
+        assert rx.rejected == 0 and grafana.unauthorized == 0
+    finally:
+        rx.stop()
+        grafana.stop()
+        core.stop()
