@@ -1,0 +1,819 @@
+"""``make bench``: how fast Stormguard is, measured side by side in one run.
+
+Every throughput figure comes from the same embedded broker and the same
+pre-filled ``mail.events`` topic (keyed by list, else sender, as ``replay``
+keys), read from its start by:
+
+1. bare aiokafka, decoding each record's JSON (the ceiling for any Python consumer);
+2. a Faust agent that does nothing (:mod:`stream_jobs.bench_noop`: the framework's ceiling);
+3. the Stormguard worker (``stormguard run``), done when its ``/metrics`` counts every record;
+4. two Stormguard workers in one consumer group on the same topic.
+
+Then: offline scoring (in-process :class:`~detectors.engine.StormDetector`
+and the ``stormguard score`` CLI) over the same records; produce→freeze
+latency while background traffic flows (on a second, fresh broker); worker
+start-up to ``/healthz`` 200; bytes of detector state per sender and per list.
+
+The machine is shared, so the figures that matter are the *ratios* of
+figures measured in this one run; absolute numbers are labelled with the
+machine they came from. Nothing here is a pass/fail threshold.
+
+``python -m stream_jobs.bench [--quick] [--events N] [--out bench-results.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import urllib.error
+import urllib.request
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import msgspec
+from tqdm import tqdm
+
+from stream_jobs.broker import EmbeddedBroker, free_port
+from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SCHEMA = 1
+
+#: ratio name -> (numerator, denominator), as dotted paths into the results.
+RATIOS: dict[str, tuple[str, str]] = {
+    "worker_vs_noop": ("throughput.worker.events_per_s", "throughput.faust_noop.events_per_s"),
+    "worker_vs_bare": ("throughput.worker.events_per_s", "throughput.bare_aiokafka.events_per_s"),
+    "noop_vs_bare": ("throughput.faust_noop.events_per_s", "throughput.bare_aiokafka.events_per_s"),
+    "two_workers_vs_one": ("throughput.two_workers.events_per_s", "throughput.worker.events_per_s"),
+    "offline_vs_worker": ("throughput.offline_score.events_per_s", "throughput.worker.events_per_s"),
+    "offline_cli_vs_in_process": ("throughput.offline_score_cli.events_per_s",
+                                  "throughput.offline_score.events_per_s"),
+}
+
+
+# -- realistic events ---------------------------------------------------------------------------
+_SUBJECTS = ["Rota for next week", "Clinic cancelled", "IT maintenance tonight", "Minutes of Tuesday's meeting",
+             "Audit deadline", "Parking permits", "Training day", "Flu jabs", "Lunch?", "Updated policy",
+             "Patient transport", "Ward 7 handover", "Budget 2017/18", "Fire drill", "Leaving do"]
+_REPLY_SUBJECTS = ["RE: {}", "Re: {}", "RE: RE: {}"]
+_STORM_REPLIES = ["please remove me from this list", "STOP REPLYING TO ALL", "why am I getting this?",
+                  "unsubscribe", "me too"]
+
+
+class _ListSpec:
+    __slots__ = ("address", "members", "owners", "discussion", "recent")
+
+    def __init__(self, address: str, members: int, owners: list[str], discussion: bool):
+        self.address, self.members, self.owners, self.discussion = address, members, owners, discussion
+        self.recent: deque = deque(maxlen=8)  # (message_id, subject) of recent posts
+
+
+def realistic_events(n: int, seed: int = 2016, end_time: Optional[float] = None, span: float = 6 * 3600.0,
+                     people: int = 20_000, storms: Optional[int] = None) -> Iterator[dict]:
+    """``n`` events of an NHS-like organisation, in event-time order, as contract dicts.
+
+    Senders are skewed (a few people send most mail), direct fan-out is heavy-tailed
+    (most mail to one person, a tail past a hundred), a third of direct mail answers
+    an earlier message; ~7% of events are list posts (bulletins from their owners,
+    discussion lists where several people post and reply), ~3% are reply-alls to lists
+    (lively on discussion lists, a stray "thanks" on bulletins); ``storms`` reply-all
+    storms on big lists (about one per 30,000 events unless given) add bursts of
+    100-300 reply-alls. Deterministic per ``seed``.
+    """
+    rng = random.Random(seed)
+    end = time.time() if end_time is None else end_time
+    t = end - span
+    step = span / max(n, 1)
+    domain = "bench.nhs.net"
+
+    def person() -> str:
+        return f"p{int(people * rng.random() ** 2.5)}@{domain}"
+
+    lists: list[_ListSpec] = [_ListSpec(f"all-staff@{domain}", 840_000, [f"comms@{domain}"], False),
+                              _ListSpec(f"trust-all@{domain}", 120_000, [f"ceo-office@{domain}"], False)]
+    for i in range(400):
+        discussion = rng.random() < 0.3
+        members = int(math.exp(rng.uniform(math.log(15), math.log(300 if discussion else 30_000))))
+        owners = [person() for _ in range(rng.randint(1, 2))]
+        lists.append(_ListSpec(f"list{i}@{domain}", members, owners, discussion))
+    discussions = [ls for ls in lists if ls.discussion]
+    bulletins = [ls for ls in lists if not ls.discussion]
+    big = [ls for ls in bulletins if ls.members >= 5_000]
+    n_storms = max(1, n // 30_000) if storms is None else storms
+    storm_starts = {int(n * (k + 0.5) / n_storms) for k in range(n_storms)} if n_storms else set()
+    active: list[list] = []  # [list spec, root id, subject, replies left]
+    recent_direct: deque = deque(maxlen=2000)
+
+    for i in range(n):
+        t += step * rng.uniform(0.2, 1.8)
+        mid = f"<{seed}.{i}@{domain}>"
+        ev: dict = {"message_id": mid, "timestamp": round(t, 3)}
+        if i in storm_starts and big:
+            ls = rng.choice(big)
+            subject = "test"
+            ev.update(sender=person(), recipients=[ls.address], lists={ls.address: ls.members}, subject=subject)
+            active.append([ls, mid, subject, rng.randint(100, 300)])
+            yield ev
+            continue
+        if active and rng.random() < 0.3:
+            storm = active[0]
+            ls, root, subject = storm[0], storm[1], storm[2]
+            storm[3] -= 1
+            if storm[3] <= 0:
+                active.pop(0)
+            ev.update(sender=person(), recipients=[ls.address], lists={ls.address: ls.members},
+                      in_reply_to=root, subject=f"RE: {subject} - {rng.choice(_STORM_REPLIES)}")
+            yield ev
+            continue
+        r = rng.random()
+        if r < 0.07:  # a root post to a list
+            ls = rng.choice(discussions) if rng.random() < 0.5 else rng.choice(bulletins)
+            sender = person() if ls.discussion else rng.choice(ls.owners)
+            subject = rng.choice(_SUBJECTS)
+            ls.recent.append((mid, subject))
+            ev.update(sender=sender, recipients=[ls.address], lists={ls.address: ls.members}, subject=subject)
+        elif r < 0.10:  # a reply-all to a list: lively on discussion lists, stray on bulletins
+            ls = rng.choice(discussions) if rng.random() < 0.85 else rng.choice(bulletins)
+            if not ls.recent:
+                ls.recent.append((f"<old.{i}@{domain}>", rng.choice(_SUBJECTS)))
+            parent, subject = rng.choice(list(ls.recent))
+            sender = person()
+            ev.update(sender=sender, recipients=[ls.address, rng.choice(ls.owners)],
+                      lists={ls.address: ls.members}, in_reply_to=parent,
+                      subject=rng.choice(_REPLY_SUBJECTS).format(subject))
+        else:  # direct mail
+            sender = person()
+            k = min(int(rng.paretovariate(1.6)), 120)
+            recipients = list({person() for _ in range(k)}) or [person()]
+            ev.update(sender=sender, recipients=recipients)
+            if recent_direct and rng.random() < 0.33:
+                parent, subject = rng.choice(recent_direct)
+                ev.update(in_reply_to=parent, subject=f"RE: {subject}")
+            else:
+                subject = rng.choice(_SUBJECTS)
+                ev["subject"] = subject
+                recent_direct.append((mid, subject))
+        yield ev
+
+
+def encode_all(events: Iterator[dict]) -> list[bytes]:
+    enc = msgspec.json.Encoder()
+    return [enc.encode(ev) for ev in events]
+
+
+def describe_events(records: list[bytes]) -> dict:
+    dec = msgspec.json.Decoder()
+    list_posts = replies = 0
+    for raw in records:
+        ev = dec.decode(raw)
+        if ev.get("lists"):
+            list_posts += 1
+            if ev.get("in_reply_to"):
+                replies += 1
+    total = sum(len(r) for r in records)
+    return {"count": len(records), "bytes": total, "mean_bytes": total / max(len(records), 1),
+            "list_posts": list_posts, "list_replies": replies}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def scraped_count(url: str) -> int:
+    """Records a worker has consumed: processed + dead-lettered, from its ``/metrics``."""
+    _, body = _get(url + "/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("stormguard_events_processed_total ") or line.startswith("stormguard_events_invalid_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+def noop_count(url: str) -> int:
+    _, body = _get(url + "/count")
+    return int(json.loads(body)["count"])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in 0..100) of a non-empty list."""
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class Proc:
+    """A Faust app (the worker or the no-op) in a child process of its own session."""
+
+    def __init__(self, cmd: list[str], env: dict, log_path: Path, web_port: int):
+        self.cmd, self.env, self.log_path, self.web_port = cmd, env, log_path, web_port
+        self.proc: Optional[subprocess.Popen] = None
+        self.started = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def start(self) -> "Proc":
+        log = open(self.log_path, "ab")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Seconds from start to ``/healthz`` 200."""
+        deadline = self.started + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.cmd[2]} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if _get(self.url + "/healthz", timeout=1.0)[0] == 200:
+                    return time.monotonic() - self.started
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.cmd[2]} not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="stormguard-bench-"))
+        self.procs: list[Proc] = []
+        self.brokers: list[EmbeddedBroker] = []
+        self.progress = not args.no_progress
+
+    # -- processes ----------------------------------------------------------------------------
+    def env(self, broker: EmbeddedBroker, app_id: str, web_port: int, **extra: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STORMGUARD_")}
+        env.update(STORMGUARD_BROKER=broker.url, STORMGUARD_APP_ID=app_id, STORMGUARD_WEB_PORT=str(web_port),
+                   STORMGUARD_WEB_HOST="127.0.0.1", STORMGUARD_PARTITIONS=str(self.args.partitions),
+                   STORMGUARD_DATA_DIR=str(self.tmp / f"data-{app_id}"), PYTHONUNBUFFERED="1", **extra)
+        return env
+
+    def worker(self, broker: EmbeddedBroker, app_id: Optional[str] = None, **extra: str) -> Proc:
+        port = free_port()
+        app_id = app_id or f"sg-bench-{uuid.uuid4().hex[:6]}"
+        p = Proc([PY, "-m", "stream_jobs.cli", "run", "--broker", broker.url, "--web-port", str(port)],
+                 self.env(broker, app_id, port, **extra), self.tmp / f"{app_id}-{port}.log", port)
+        self.procs.append(p)
+        return p
+
+    def noop(self, broker: EmbeddedBroker, **extra: str) -> Proc:
+        port = free_port()
+        app_id = f"sg-bench-noop-{uuid.uuid4().hex[:6]}"
+        p = Proc([PY, "-m", "stream_jobs.bench_noop"], self.env(broker, app_id, port, **extra),
+                 self.tmp / f"{app_id}.log", port)
+        self.procs.append(p)
+        return p
+
+    def broker(self) -> EmbeddedBroker:
+        b = EmbeddedBroker(port=free_port(), log_path=self.tmp / f"broker-{len(self.brokers)}.log").start()
+        self.brokers.append(b)
+        return b
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stop()
+        for b in self.brokers:
+            b.stop()
+
+    # -- phases -------------------------------------------------------------------------------
+    def fill(self, broker: EmbeddedBroker, records: list[bytes]) -> dict:
+        from stream_jobs.replay import make_producer, produce
+        from stream_jobs.serve import ensure_topics
+
+        ensure_topics(broker.url, self.args.partitions)
+        producer = make_producer(broker.url)
+        started = time.perf_counter()
+        try:
+            with tqdm(total=len(records), unit="ev", desc="fill mail.events", disable=not self.progress,
+                      file=sys.stderr) as bar:
+                produce(records, producer, progress=bar)
+        finally:
+            producer.close()
+        seconds = time.perf_counter() - started
+        return {"events": len(records), "seconds": seconds, "events_per_s": len(records) / seconds}
+
+    def bare_aiokafka(self, broker: EmbeddedBroker, total: int) -> dict:
+        return asyncio.run(self._bare(broker, total))
+
+    async def _bare(self, broker: EmbeddedBroker, total: int) -> dict:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        decode = msgspec.json.decode
+        try:
+            parts = sorted(consumer.partitions_for_topic(EVENTS_TOPIC) or [])
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = sorted(consumer.partitions_for_topic(EVENTS_TOPIC) or [])
+            tps = [TopicPartition(EVENTS_TOPIC, p) for p in parts]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            n = 0
+            first = None
+            with tqdm(total=total, unit="ev", desc="1/4 bare aiokafka", disable=not self.progress,
+                      file=sys.stderr) as bar:
+                while n < total:
+                    batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
+                    if first is None and batches:
+                        first = time.perf_counter()
+                    got = 0
+                    for records in batches.values():
+                        for record in records:
+                            decode(record.value)
+                            got += 1
+                    n += got
+                    bar.update(got)
+            seconds = time.perf_counter() - first
+        finally:
+            await consumer.stop()
+        return {"events": n, "seconds": seconds, "events_per_s": n / seconds, "decoder": "msgspec.json.decode",
+                "partitions": len(tps)}
+
+    def drain(self, procs: list[Proc], count: Callable[[str], int], total: int, desc: str,
+              timeout: float) -> dict:
+        """Poll the consumers' counts until together they reach ``total``; time from first record seen.
+
+        Throughput is (total - count at the first poll that saw any record) / (time of the
+        poll that saw ``total``) - (time of that first poll): polls are 0.2 s apart.
+        """
+        t0 = c0 = None
+        deadline = time.monotonic() + timeout
+        last = 0
+        with tqdm(total=total, unit="ev", desc=desc, disable=not self.progress, file=sys.stderr) as bar:
+            while True:
+                now = time.perf_counter()
+                counts = []
+                for p in procs:
+                    try:
+                        counts.append(count(p.url))
+                    except (OSError, ValueError):
+                        counts.append(0)
+                n = sum(counts)
+                bar.update(max(0, min(n, total) - last))
+                last = max(last, min(n, total))
+                if t0 is None and n > 0:
+                    t0, c0 = now, n
+                if n >= total:
+                    break
+                for p in procs:
+                    if p.proc.poll() is not None:
+                        raise RuntimeError(f"{p.cmd[2]} died:\n{p.tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{desc}: {n}/{total} after {timeout:.0f} s:\n{procs[0].tail()}")
+                time.sleep(0.2)
+        end = now
+        # Let duplicates (records redelivered after a rebalance) show, if any.
+        time.sleep(1.0)
+        final = []
+        for p in procs:
+            try:
+                final.append(count(p.url))
+            except (OSError, ValueError):
+                final.append(0)
+        if end <= t0 or total - c0 <= 0:
+            raise RuntimeError(f"{desc}: finished before it could be timed ({c0} of {total} at first poll); "
+                               "use more --events")
+        return {"events": total, "seconds": end - t0, "events_per_s": (total - c0) / (end - t0),
+                "timed_events": total - c0, "per_process": final, "duplicates": max(0, sum(final) - total)}
+
+    def run_noop(self, broker: EmbeddedBroker, total: int) -> dict:
+        p = self.noop(broker).start()
+        try:
+            ready = p.wait_ready()
+            out = self.drain([p], noop_count, total, "2/4 no-op Faust agent", self.args.phase_timeout)
+        finally:
+            p.stop()
+        out["ready_s"] = ready
+        return out
+
+    def run_workers(self, broker: EmbeddedBroker, total: int, n: int, desc: str) -> dict:
+        app_id = f"sg-bench-x{n}-{uuid.uuid4().hex[:6]}"
+        procs = [self.worker(broker, app_id=app_id) for _ in range(n)]
+        for p in procs:
+            p.start()
+        try:
+            ready = [p.wait_ready() for p in procs]
+            out = self.drain(procs, scraped_count, total, desc, self.args.phase_timeout)
+        finally:
+            for p in procs:
+                p.stop()
+        out["ready_s"] = ready
+        out["workers"] = n
+        return out
+
+    def offline(self, records: list[bytes]) -> tuple[dict, dict]:
+        from detectors.engine import StormDetector, process_raw
+        from stream_jobs.settings import policy_from_env
+
+        detector = StormDetector(policy_from_env({}))
+        actions = invalid = 0
+        started = time.perf_counter()
+        for raw in records:
+            outcome = process_raw(detector, raw)
+            actions += len(outcome.actions)
+            invalid += outcome.error is not None
+        seconds = time.perf_counter() - started
+        in_process = {"events": len(records), "seconds": seconds, "events_per_s": len(records) / seconds,
+                      "actions": actions, "invalid": invalid}
+
+        path = self.tmp / "events.jsonl"
+        path.write_bytes(b"\n".join(records) + b"\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STORMGUARD_")}
+        started = time.perf_counter()
+        done = subprocess.run([PY, "-m", "stream_jobs.cli", "score", str(path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+        seconds = time.perf_counter() - started
+        cli_actions = sum(1 for line in done.stdout.splitlines() if line.strip())
+        cli = {"events": len(records), "seconds": seconds, "events_per_s": len(records) / seconds,
+               "actions": cli_actions, "includes": "interpreter start-up, file read, action lines written"}
+        return in_process, cli
+
+    def startup(self, broker: EmbeddedBroker, samples: int, **extra: str) -> tuple[dict, Proc]:
+        """Start the worker ``samples`` times (first with a new group, then restarts of it); keep the last."""
+        app_id = f"sg-bench-live-{uuid.uuid4().hex[:6]}"
+        times = []
+        p = None
+        for i in tqdm(range(samples), desc="start-up samples", disable=not self.progress, file=sys.stderr):
+            if p is not None:
+                p.stop()
+            p = self.worker(broker, app_id=app_id, **extra).start()
+            times.append(p.wait_ready())
+        return ({"samples_s": times, "median_s": percentile(times, 50), "min_s": min(times), "max_s": max(times),
+                 "what": "process start to GET /healthz 200; sample 1 is a new consumer group on a fresh broker, "
+                         "the others restarts of the same group"}, p)
+
+    def latency(self, broker: EmbeddedBroker, worker: Proc, seconds: float, rate: float,
+                storm_every: float) -> dict:
+        """Background traffic at ``rate`` events/s; a storm on a fresh list every ``storm_every`` s.
+
+        Each storm is a 50,000-member list never seen before, a root post from a sender
+        never seen before, then (0.25 s later) reply-alls: the first reply-all is what
+        freezes it. Latency is from just before that reply-all's ``send()`` to the moment
+        the freeze naming it is read from ``stormguard.actions`` (consumer assigned to every
+        partition, 5 ms fetch wait).
+        """
+        from kafka import KafkaConsumer, TopicPartition
+
+        from stream_jobs.replay import make_producer, routing_key
+
+        sent: dict[str, float] = {}
+        seen: dict[str, tuple[float, float]] = {}
+        stop = threading.Event()
+        consumer = KafkaConsumer(bootstrap_servers=[broker.bootstrap], group_id=None, enable_auto_commit=False,
+                                 fetch_max_wait_ms=5)
+        parts = None
+        deadline = time.monotonic() + 10
+        while not parts and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(ACTIONS_TOPIC)
+            time.sleep(0.05)
+        tps = [TopicPartition(ACTIONS_TOPIC, p) for p in sorted(parts or [0])]
+        consumer.assign(tps)
+        consumer.seek_to_end(*tps)
+        for tp in tps:
+            consumer.position(tp)
+
+        def read_actions() -> None:
+            while not stop.is_set():
+                for records in consumer.poll(timeout_ms=50).values():
+                    now = time.time()
+                    for r in records:
+                        a = json.loads(r.value)
+                        if a.get("kind") == "freeze" and a.get("message_id") and a["message_id"] not in seen:
+                            seen[a["message_id"]] = (now, r.timestamp / 1000.0)
+
+        reader = threading.Thread(target=read_actions, daemon=True)
+        reader.start()
+        producer = make_producer(broker.url)
+        enc = msgspec.json.Encoder()
+        background = realistic_events(10**9, seed=4242, end_time=time.time() + 3600 * 24 * 365, span=1.0,
+                                      storms=0)
+        storms: list[tuple[str, str]] = []  # (list, first reply-all id)
+        pending: list[tuple[float, dict]] = []  # (due, event) storm messages scheduled
+        start = time.monotonic()
+        produced = 0
+        next_storm = start + 1.0
+        base_before = scraped_count(worker.url)
+        k = 0
+        with tqdm(total=int(seconds), unit="s", desc=f"latency @ {rate:.0f} ev/s", disable=not self.progress,
+                  file=sys.stderr) as bar:
+            shown = 0
+            while True:
+                now = time.monotonic()
+                elapsed = now - start
+                if elapsed >= seconds:
+                    break
+                if int(elapsed) > shown:
+                    bar.update(int(elapsed) - shown)
+                    shown = int(elapsed)
+                if now >= next_storm:
+                    next_storm += storm_every
+                    k += 1
+                    address = f"storm{k}-{uuid.uuid4().hex[:6]}@bench.nhs.net"
+                    root = f"<storm{k}.root.{uuid.uuid4().hex[:6]}@bench>"
+                    lists = {address: 50_000}
+                    pending.append((now, {"message_id": root, "sender": f"tester{k}@bench-new.nhs.net",
+                                          "recipients": [address], "lists": lists, "subject": f"test {k}"}))
+                    for j in range(3):
+                        mid = f"<storm{k}.reply{j}.{uuid.uuid4().hex[:6]}@bench>"
+                        if j == 0:
+                            storms.append((address, mid))
+                        pending.append((now + 0.25 + 0.05 * j, {
+                            "message_id": mid, "sender": f"p{900_000 + 10 * k + j}@bench.nhs.net",
+                            "recipients": [address], "lists": lists, "in_reply_to": root,
+                            "subject": f"RE: test {k} - {_STORM_REPLIES[j]}"}))
+                while pending and pending[0][0] <= now:
+                    _, ev = pending.pop(0)
+                    ev["timestamp"] = round(time.time(), 3)
+                    raw = enc.encode(ev)
+                    sent[ev["message_id"]] = time.time()
+                    producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
+                    produced += 1
+                due = start + produced / rate
+                if due > now:
+                    time.sleep(min(due - now, 0.002))
+                    continue
+                ev = next(background)
+                ev["timestamp"] = round(time.time(), 3)
+                raw = enc.encode(ev)
+                producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
+                produced += 1
+            bar.update(int(seconds) - shown)
+        producer.flush()
+        sent_seconds = time.monotonic() - start
+        # Wait for the worker to catch up and for the last freezes to show.
+        deadline = time.monotonic() + 30
+        consumed = scraped_count(worker.url) - base_before
+        while time.monotonic() < deadline:
+            consumed = scraped_count(worker.url) - base_before
+            if consumed >= produced and all(mid in seen for _, mid in storms):
+                break
+            time.sleep(0.1)
+        stop.set()
+        reader.join(2)
+        producer.close()
+        consumer.close()
+        visible = [(seen[mid][0] - sent[mid]) * 1000.0 for _, mid in storms if mid in seen]
+        published = [(seen[mid][1] - sent[mid]) * 1000.0 for _, mid in storms if mid in seen]
+        if not visible:
+            raise RuntimeError(f"no storm was frozen during the latency phase:\n{worker.tail()}")
+        return {
+            "background_target_eps": rate, "produced": produced, "produced_eps": produced / sent_seconds,
+            "consumed": consumed, "seconds": sent_seconds, "storms": len(storms), "frozen": len(visible),
+            "p50_ms": percentile(visible, 50), "p99_ms": percentile(visible, 99), "max_ms": max(visible),
+            "publish_p50_ms": percentile(published, 50), "publish_p99_ms": percentile(published, 99),
+            "samples_ms": [round(v, 2) for v in visible],
+            "what": "send() of a storm's first reply-all to the freeze read from stormguard.actions; "
+                    "producer linger 5 ms (as replay), actions consumer fetch wait 5 ms; "
+                    "publish_* use the action record's own timestamp instead of the read time",
+        }
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        a = self.args
+        wall = time.perf_counter()
+        results: dict = {"schema": SCHEMA, "command": " ".join(["python -m stream_jobs.bench"] + sys.argv[1:]),
+                         "quick": a.quick, "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                         "machine": machine(), "throughput": {}}
+        say(f"bench: generating {a.events:,} realistic events (seed {a.seed})")
+        records = encode_all(realistic_events(a.events, seed=a.seed))
+        results["events"] = {**describe_events(records), "partitions": a.partitions, "seed": a.seed,
+                             "source": "stream_jobs.bench.realistic_events",
+                             "keyed_by": "first list, else sender (stream_jobs.replay.routing_key)"}
+        tp = results["throughput"]
+
+        say("bench: offline scoring (in-process and CLI)")
+        tp["offline_score"], tp["offline_score_cli"] = self.offline(records)
+
+        say("bench: memory per tracked sender and list (tracemalloc)")
+        results["memory"] = memory(a.memory_senders, a.memory_lists, a.memory_busy_lists)
+
+        broker = self.broker()
+        say(f"bench: embedded broker at {broker.url}; filling {EVENTS_TOPIC} ({a.partitions} partitions)")
+        results["fill"] = self.fill(broker, records)
+        total = len(records)
+        tp["bare_aiokafka"] = self.bare_aiokafka(broker, total)
+        tp["faust_noop"] = self.run_noop(broker, total)
+        tp["worker"] = self.run_workers(broker, total, 1, "3/4 Stormguard worker")
+        tp["two_workers"] = self.run_workers(broker, total, 2, "4/4 two Stormguard workers")
+        broker.stop()
+
+        say("bench: fresh broker for start-up and latency")
+        live = self.broker()
+        from stream_jobs.serve import ensure_topics
+
+        ensure_topics(live.url, a.partitions)
+        # Storms are injected every second or so: lift the hourly freeze budget, which is a
+        # safety limit for production, not something to measure here.
+        results["startup"], worker = self.startup(live, a.startup_samples,
+                                                  STORMGUARD_MAX_FREEZES_PER_HOUR="1000000")
+        results["latency"] = self.latency(live, worker, a.latency_seconds, a.rate, a.storm_every)
+        results["latency"]["policy_overrides"] = {"max_freezes_per_hour": 1_000_000}
+        worker.stop()
+
+        results["ratios"] = {name: {"value": lookup(results, num) / lookup(results, den), "of": num, "over": den}
+                             for name, (num, den) in RATIOS.items()}
+        results["machine"]["load_avg_end"] = list(os.getloadavg())
+        results["duration_s"] = time.perf_counter() - wall
+        return results
+
+
+def lookup(results: dict, dotted: str) -> float:
+    node = results
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def memory(n_senders: int, n_lists: int, n_busy: int) -> dict:
+    """Bytes of detector state per tracked sender, per list (one post), per busy list (full buffers)."""
+    from detectors.engine import StormDetector
+    from detectors.events import MailEvent
+    from detectors.policy import PolicyConfig
+
+    t0 = 1_479_112_200.0
+
+    def traced(feed: Callable[[StormDetector], None]) -> tuple[int, StormDetector]:
+        det = StormDetector(PolicyConfig(warmup_events=0, max_freezes_per_hour=0))
+        feed(det)  # warm: first-use allocations (caches, interned strings) are not per key
+        det = StormDetector(PolicyConfig(warmup_events=0, max_freezes_per_hour=0))
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        feed(det)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return after - before, det
+
+    def senders(det: StormDetector) -> None:
+        for i in range(n_senders):
+            det.process(MailEvent(message_id=f"m{i}", timestamp=t0 + i * 0.01, sender=f"sender{i}@bench.nhs.net",
+                                  recipients=["x@bench.nhs.net"]))
+
+    def lists(det: StormDetector) -> None:
+        for i in range(n_lists):
+            address = f"list{i}@bench.nhs.net"
+            det.process(MailEvent(message_id=f"m{i}", timestamp=t0 + i * 0.01, sender="owner@bench.nhs.net",
+                                  recipients=[address], lists={address: 200}, subject=f"bulletin {i}"))
+
+    def busy(det: StormDetector) -> None:
+        # Each list gets enough distinct posts, threads, posters and reply-alls to fill every bounded buffer.
+        for i in range(n_busy):
+            address = f"busy{i}@bench.nhs.net"
+            for j in range(600):
+                reply = j % 2 == 1
+                det.process(MailEvent(
+                    message_id=f"b{i}.{j}", timestamp=t0 + i * 700 + j, sender=f"poster{j % 40}@bench.nhs.net",
+                    recipients=[address], lists={address: 50}, subject=f"{'RE: ' if reply else ''}topic {j // 2}",
+                    in_reply_to=f"b{i}.{j - 1}" if reply else None))
+
+    s_bytes, s_det = traced(senders)
+    l_bytes, l_det = traced(lists)
+    b_bytes, b_det = traced(busy)
+    return {
+        "senders": len(s_det.senders), "bytes_per_sender": s_bytes / len(s_det.senders),
+        "lists": len(l_det.lists), "bytes_per_list": (l_bytes - 0) / len(l_det.lists),
+        "busy_lists": len(b_det.lists), "bytes_per_busy_list": b_bytes / len(b_det.lists),
+        "what": "tracemalloc growth of a StormDetector fed N distinct senders (direct mail), N lists with one "
+                "bulletin each (one owner), and lists with 600 posts each (every bounded buffer full, "
+                "40 posters whose sender state is included)",
+    }
+
+
+def machine() -> dict:
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "platform": platform.platform(), "load_avg_start": list(os.getloadavg()),
+            "note": "2 cores shared with other engineers' test runs: compare ratios, not absolute numbers"}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def table(r: dict) -> str:
+    tp = r["throughput"]
+    m = r["machine"]
+    rows = [
+        ("bare aiokafka + JSON decode", tp["bare_aiokafka"]),
+        ("Faust no-op agent", tp["faust_noop"]),
+        ("Stormguard worker (1)", tp["worker"]),
+        ("Stormguard workers (2, same group)", tp["two_workers"]),
+        ("offline score, in-process", tp["offline_score"]),
+        ("offline score, CLI", tp["offline_score_cli"]),
+    ]
+    out = [f"Stormguard bench — {r['events']['count']:,} events ({r['events']['mean_bytes']:.0f} B mean), "
+           f"{r['events']['partitions']} partitions; {m['cpus']} × {m['cpu_model']}, Python {m['python']}",
+           f"(shared machine: load {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end)",
+           "", f"{'consumer':38} {'events/s':>10} {'seconds':>8}"]
+    for name, row in rows:
+        out.append(f"{name:38} {row['events_per_s']:>10,.0f} {row['seconds']:>8.2f}")
+    out.append("")
+    out.append(f"{'ratio':38} {'value':>10}")
+    for name, ratio in r["ratios"].items():
+        out.append(f"{name:38} {ratio['value']:>10.3f}")
+    lat, st, mem = r["latency"], r["startup"], r["memory"]
+    out += ["",
+            f"produce→freeze under {lat['produced_eps']:,.0f} ev/s background: p50 {lat['p50_ms']:.0f} ms, "
+            f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms frozen)",
+            f"worker start-up to /healthz 200: median {st['median_s']:.2f} s "
+            f"(min {st['min_s']:.2f}, max {st['max_s']:.2f}, {len(st['samples_s'])} samples)",
+            f"state: {mem['bytes_per_sender']:.0f} B per sender, {mem['bytes_per_list']:.0f} B per list (one post), "
+            f"{mem['bytes_per_busy_list']:,.0f} B per busy list (buffers full)",
+            f"bench took {r['duration_s']:.0f} s"]
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stream_jobs.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smaller run (for tests): 20,000 events, short phases")
+    p.add_argument("--events", type=int, help="events in the pre-filled topic (default 100,000; quick 20,000)")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of mail.events (default 4)")
+    p.add_argument("--rate", type=float, default=2000.0, help="background events/s in the latency phase")
+    p.add_argument("--latency-seconds", type=float, help="length of the latency phase (default 45; quick 12)")
+    p.add_argument("--storm-every", type=float, default=0.75, help="seconds between injected storms")
+    p.add_argument("--startup-samples", type=int, help="worker start-ups to time (default 5; quick 2)")
+    p.add_argument("--seed", type=int, default=2016)
+    p.add_argument("--out", default=str(ROOT / "bench-results.json"), help="JSON results (default bench-results.json)")
+    p.add_argument("--phase-timeout", type=float, default=300.0, help="give up on a throughput phase after this")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    q = args.quick
+    args.events = args.events or (20_000 if q else 100_000)
+    args.latency_seconds = args.latency_seconds or (12.0 if q else 45.0)
+    args.startup_samples = args.startup_samples or (2 if q else 5)
+    args.memory_senders = 5_000 if q else 20_000
+    args.memory_lists = 1_000 if q else 5_000
+    args.memory_busy_lists = 20 if q else 100
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    finally:
+        bench.close()
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nfigures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""A Faust app whose agent does nothing: the framework's ceiling for ``make bench``.
+
+It is configured exactly like the Stormguard worker (:mod:`stream_jobs.worker`):
+the same settings from the environment, the same broker timeouts, raw
+serializers on ``mail.events``, ``stream.events()``, offsets from the earliest.
+The only difference is that its agent counts records instead of scoring them,
+so ``worker events/s ÷ no-op events/s`` is what detection costs.
+
+``STORMGUARD_BENCH_NOOP_MODE=take`` switches the agent to
+``stream.take(500, within=0.05)`` batches (a ceiling for batched workers).
+
+Run as ``python -m stream_jobs.bench_noop`` (``stream_jobs.bench`` does);
+``GET /count`` answers ``{"count": N}`` and ``GET /healthz`` 200 once assigned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import faust
+
+from stream_jobs.settings import EVENTS_TOPIC, WorkerSettings
+
+settings = WorkerSettings.from_env()
+MODE = os.environ.get("STORMGUARD_BENCH_NOOP_MODE", "events")
+
+app = faust.App(
+    settings.app_id,
+    broker=settings.broker or "kafka://127.0.0.1:9092",
+    store="memory://",
+    datadir=settings.data_dir,
+    web_port=settings.web_port,
+    web_bind=settings.web_host,
+    web_enabled=True,
+    topic_partitions=settings.partitions,
+    consumer_auto_offset_reset="earliest",
+    broker_session_timeout=settings.session_timeout,
+    broker_heartbeat_interval=settings.heartbeat_interval,
+    broker_rebalance_timeout=settings.session_timeout,
+    broker_request_timeout=max(30.0, settings.session_timeout * 2),
+    producer_linger_ms=0,
+)
+
+_raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, **_raw)
+
+_count = 0
+_ready = asyncio.Event()
+
+
+@app.agent(events_topic)
+async def noop(stream):
+    global _count
+    if MODE == "take":
+        async for batch in stream.take(500, within=0.05):
+            _count += len(batch)
+    else:
+        async for _event in stream.events():
+            _count += 1
+
+
+@app.on_rebalance_complete.connect
+async def _on_ready(sender: Any = None, **kwargs: Any) -> None:
+    _ready.set()
+
+
+@app.page("/count")
+async def count(web, request):
+    return web.json({"count": _count})
+
+
+@app.page("/healthz")
+async def healthz(web, request):
+    if not _ready.is_set():
+        return web.json({"status": "starting"}, status=503)
+    return web.json({"status": "ok", "count": _count})
+
+
+def main() -> int:
+    from faust.worker import Worker
+
+    Worker(app, loglevel=os.environ.get("STORMGUARD_LOG_LEVEL", "warn").lower(), quiet=True,
+           redirect_stdouts=False).execute_from_commandline()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
