@@ -126,7 +126,7 @@ def overview():
     board = board.with_panel(_stat("Freezes (1 h)", "Freeze actions published in the last hour.", "none",
                                    f'sum(increase(stormguard_actions_total{{{j},kind="freeze"}}[1h]))',
                                    red_at=1, legend="freezes"))
-    board = board.with_panel(_stat("Workers up", "Stormguard workers Prometheus can scrape.", "none",
+    board = board.with_panel(_stat("Processes up", "Stormguard workers and deliverer that Prometheus can scrape.", "none",
                                    f"sum(up{{{j}}})", legend="up"))
     board = board.with_panel(_stat("Consumer lag", "Records of mail.events not yet read, all partitions.",
                                    "none", f"sum(stormguard_consumer_lag{{{j}}})", red_at=10000, legend="lag"))

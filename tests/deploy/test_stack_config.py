@@ -52,7 +52,7 @@ def test_stack_has_the_production_shape():
     assert kafka["image"].startswith("apache/kafka:")
     assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
     assert not any("zookeeper" in name for name in services)
-    workers = [s for name, s in services.items() if name.startswith("stormguard-")]
+    workers = [s for name, s in services.items() if name in ("stormguard-1", "stormguard-2")]
     assert len(workers) == 2
     assert {w["environment"]["STORMGUARD_APP_ID"] for w in workers} == {"stormguard"}  # one group: shared partitions
     assert int(workers[0]["environment"]["STORMGUARD_PARTITIONS"]) >= 2
@@ -79,6 +79,8 @@ def test_prometheus_scrapes_both_workers_as_the_dashboards_expect():
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
     services = _compose()["services"]
     assert sorted(targets) == sorted(f"{name}:6066" for name in services if name.startswith("stormguard-"))
+    assert services["stormguard-deliver"]["command"][0] == "deliver"  # outbox metrics come from here
+    assert "6066" in services["stormguard-deliver"]["command"]
 
 
 def _promtool(path: Path) -> subprocess.CompletedProcess:
