@@ -15,6 +15,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import pickle
 import time
 import uuid
 from typing import Any, Optional
@@ -65,6 +66,15 @@ commands_topic = app.topic(COMMANDS_TOPIC, partitions=settings.partitions, **_ra
 list_state = app.Table("list_state", default=None, partitions=settings.partitions,
                        schema=faust.Schema(key_serializer="json", value_serializer="json"))
 
+#: Each list's learned model (velocity norm, threads, posters), so a restarted or
+#: surviving worker decides as the one that died would have. Pickled: this
+#: changelog must be writable only by Stormguard (see the threat model).
+list_models = app.Table("list_models", default=None, partitions=settings.partitions,
+                        schema=faust.Schema(key_serializer="json", value_serializer="json"))
+_META_KEY = "__stormguard_meta__"
+#: Stream-wide counters (warm-up progress, watermark) are saved this often, in events.
+META_EVERY = 50
+
 detector = StormDetector(settings.policy)
 _ready = asyncio.Event()
 _pending_commands: dict[str, asyncio.Future] = {}
@@ -75,12 +85,14 @@ _status_encoder = msgspec.json.Encoder()
 @app.agent(events_topic)
 async def score(stream):
     """Score every submitted message; publish what the detectors decide."""
-    _restore_freezes()
+    _restore_state()
     async for event in stream.events():
         raw = event.value
         outcome = process_raw(detector, raw if isinstance(raw, bytes) else bytes(raw or b""))
         if outcome.error is not None:
             await _dead_letter(event, outcome.error)
+        else:
+            _save_state(outcome.event)
         for action in outcome.actions:
             await _publish(action)
         metrics.observe_event(detector, outcome, _record_time(event))
@@ -111,6 +123,8 @@ async def observe_consumer() -> None:
 
 @app.on_rebalance_complete.connect
 async def _on_ready(sender: Any = None, **kwargs: Any) -> None:
+    # Partitions a dead worker held are ours now: adopt the lists it knew.
+    _restore_state()
     _ready.set()
 
 
@@ -145,14 +159,42 @@ def _record_time(event) -> Optional[float]:
     return ts / 1000.0 if ts else None
 
 
-def _restore_freezes() -> None:
-    restored = 0
-    for address, value in list_state.items():
-        if value and value.get("frozen"):
+def _save_state(event) -> None:
+    """Write the models this event changed to their changelog (flushed before the offset commits)."""
+    for address in event.lists:
+        state = detector.lists.get(address)
+        if state is not None:
+            list_models[address] = base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+    if detector.events_seen % META_EVERY == 0:
+        list_models[_META_KEY] = {"events_seen": detector.events_seen, "watermark": detector.watermark}
+
+
+def _restore_state() -> None:
+    """Adopt lists from the changelog tables that this worker's detector does not know yet."""
+    adopted = 0
+    for address, blob in list(list_models.items()):
+        if not blob:
+            continue
+        if address == _META_KEY:
+            meta = blob
+            detector.events_seen = max(detector.events_seen, meta["events_seen"])
+            if meta["watermark"] is not None and (detector.watermark is None or meta["watermark"] > detector.watermark):
+                detector.watermark = meta["watermark"]
+        elif address not in detector.lists:
+            try:
+                state = detector.lists[address] = pickle.loads(base64.b64decode(blob))
+                adopted += 1
+                if state.frozen:
+                    detector.restore(state.status())
+            except Exception as exc:  # a model from an incompatible version: re-learn it
+                log.warning("could not restore the model of %s (%s); it will be re-learned", address, exc)
+    frozen = 0
+    for address, value in list(list_state.items()):
+        if value and value.get("frozen") and not detector.list_status(address).frozen:
             detector.restore(msgspec.convert(value, ListStatus))
-            restored += 1
-    if restored:
-        log.warning("restored %d frozen list(s) from the list_state changelog", restored)
+            frozen += 1
+    if adopted or frozen:
+        log.warning("restored %d list model(s) and %d freeze(s) from the changelogs", adopted, frozen)
 
 
 # -- web ----------------------------------------------------------------------------------
