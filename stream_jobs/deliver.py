@@ -197,7 +197,11 @@ class DeadLetters:
         async with self._lock:
             if self._producer is None:
                 producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", **self.kafka_opts)
-                await producer.start()
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()
+                    raise
                 self._producer = producer
         try:
             action = raw.decode("utf-8")
