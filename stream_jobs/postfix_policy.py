@@ -213,11 +213,15 @@ class KafkaStateFeed:
 
 
 class WorkerApiSource:
-    """List state from the worker's ``GET /api/lists/{address}``, cached per address.
+    """List state from the worker's HTTP API.
 
-    A cached answer younger than ``ttl`` is used as it is; an older one is used
-    while a refresh runs in the background; only an address never asked before
-    waits for the worker (at most ``timeout``). Errors fail open.
+    Normally the whole set of frozen lists is polled from ``GET /api/lists``
+    every ``ttl`` seconds in the background, and every answer comes from memory.
+    While that poll is failing (or on a worker without that endpoint), each
+    address is asked with ``GET /api/lists/{address}`` and cached: a cached
+    answer younger than ``ttl`` is used as it is; an older one is used while a
+    refresh runs in the background; only an address never asked before waits
+    for the worker (at most ``timeout``). Errors fail open.
     """
 
     def __init__(self, url: str, ttl: float = 2.0, timeout: float = 0.25, max_entries: int = 100_000,
@@ -228,9 +232,59 @@ class WorkerApiSource:
         self._cache: "OrderedDict[str, tuple[float, bool]]" = OrderedDict()
         self._inflight: dict[str, asyncio.Task] = {}
         self._session = None
+        self._all: Optional[frozenset[str]] = None  # every frozen list, from the last good poll
+        self._all_at = -1e9
+        self._poller: Optional[asyncio.Task] = None
+
+    def _client(self):
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
+        return self._session
+
+    async def poll_once(self) -> bool:
+        """One ``GET /api/lists``; True when it gave the full set of frozen lists."""
+        try:
+            async with self._client().get(f"{self.url}/api/lists") as r:
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}")
+                body = await r.json(content_type=None)
+            now = time.time()
+            frozen = set()
+            for status in body["frozen"]:
+                until = status.get("until")
+                if self.honour_until and isinstance(until, (int, float)) and until <= now:
+                    continue
+                if status.get("frozen", True):
+                    frozen.add(str(status["list"]).strip().lower())
+        except Exception as exc:  # noqa: BLE001 - fall back to per-address lookups
+            warn("worker-poll", "polling %s/api/lists failed (%s: %s); asking per address meanwhile",
+                 self.url, type(exc).__name__, exc)
+            return False
+        if self._all is not None:
+            for gone in self._all - frozen:
+                log.warning("list %s is unfrozen: mail to it flows again", gone)
+        for new in frozen - (self._all or frozenset()):
+            log.warning("list %s is frozen: mail to it is now stopped at the SMTP door", new)
+        self._all, self._all_at = frozenset(frozen), time.monotonic()
+        return True
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(self.ttl)
+
+    def start(self) -> "WorkerApiSource":
+        """Start the background poll (needs a running event loop)."""
+        if self._poller is None:
+            self._poller = asyncio.ensure_future(self._poll_forever())
+        return self
 
     async def frozen(self, address: str) -> bool:
         now = time.monotonic()
+        if self._all is not None and now - self._all_at <= max(3 * self.ttl, 5.0):
+            return address in self._all
         hit = self._cache.get(address)
         if hit is not None:
             if now - hit[0] > self.ttl:
@@ -252,12 +306,8 @@ class WorkerApiSource:
         return task
 
     async def _fetch(self, address: str) -> bool:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
         try:
-            async with self._session.get(f"{self.url}/api/lists/{urllib.parse.quote(address, safe='@')}") as r:
+            async with self._client().get(f"{self.url}/api/lists/{urllib.parse.quote(address, safe='@')}") as r:
                 if r.status == 404:
                     frozen = False
                 elif r.status != 200:
@@ -280,6 +330,12 @@ class WorkerApiSource:
         return frozen
 
     async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
         if self._session is not None:
             await self._session.close()
 
@@ -527,6 +583,10 @@ async def _serve(args) -> int:
     if args.worker_url:
         worker = WorkerApiSource(args.worker_url, ttl=args.cache_ttl, timeout=args.worker_timeout,
                                  honour_until=not args.ignore_until)
+        if not await worker.poll_once():
+            log.warning("the worker API at %s does not list frozen lists yet; asking per address until it does",
+                        args.worker_url)
+        worker.start()
         decider = PolicyDecider(lambda a: False, action=args.action, hold_text=args.hold_text,
                                 defer_text=args.defer_text, recipient_delimiter=args.recipient_delimiter)
         source = f"worker API {args.worker_url}"

@@ -268,6 +268,48 @@ async def test_worker_api_source_caches_and_fails_open():
         await runner.cleanup()
 
 
+async def test_worker_api_source_polls_the_set_of_frozen_lists():
+    from aiohttp import web
+
+    frozen = [{"list": "All@Lists.Example.Test", "frozen": True, "since": 1.0, "reason": "storm", "until": None}]
+    per_address = []
+    broken = [False]
+
+    async def all_lists(request):
+        if broken[0]:
+            return web.Response(status=503)
+        return web.json_response({"frozen": frozen})
+
+    async def one(request):
+        per_address.append(request.match_info["address"])
+        return web.json_response({"list": request.match_info["address"], "frozen": False})
+
+    app = web.Application()
+    app.router.add_get("/api/lists", all_lists)
+    app.router.add_get("/api/lists/{address}", one)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    worker = WorkerApiSource(f"http://127.0.0.1:{port}", ttl=0.1, timeout=0.5)
+    try:
+        assert await worker.poll_once()
+        worker.start()
+        assert await worker.frozen(ALL) is True and await worker.frozen("c@x") is False
+        assert per_address == []  # answered from the polled set, no request per address
+        frozen.clear()
+        await asyncio.sleep(0.3)
+        assert await worker.frozen(ALL) is False
+        broken[0] = True  # the poll fails: after the staleness window, ask per address (fail open)
+        await asyncio.sleep(0.15)
+        worker._all_at -= 60
+        assert await worker.frozen(ALL) is False and per_address == [ALL]
+    finally:
+        await worker.close()
+        await runner.cleanup()
+
+
 async def test_worker_api_down_fails_open():
     from stream_jobs.broker import free_port
 
