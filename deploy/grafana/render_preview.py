@@ -95,7 +95,9 @@ def draw(data: dict, path: Path) -> None:
         ax.grid(True, color=GRID, linewidth=0.6)
         title = panel["title"] + ("  [drill-down]" if panel["board"] == "list.json" else "")
         ax.set_title(title, color=TEXT, fontsize=10, loc="left")
-        shown = [s for s in panel["series"] if any(v for _, v in s["points"] if v == v)] or panel["series"][:1]
+        shown = panel["series"]
+        if len(shown) > 3:  # e.g. invalid records by reason: only the reasons that occurred
+            shown = [s for s in shown if any(v for _, v in s["points"] if v == v)] or shown[:1]
         for i, s in enumerate(shown[:8]):
             xs = [t - t0 for t, v in s["points"] if v == v]
             ys = [v for t, v in s["points"] if v == v]
