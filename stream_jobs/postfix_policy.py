@@ -178,7 +178,8 @@ class KafkaStateFeed:
 
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers(self.broker), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
-                                 client_id="stormguard-policy", allow_auto_create_topics=False)
+                                 client_id="stormguard-policy", allow_auto_create_topics=False,
+                                 bootstrap_timeout_ms=5000)
         try:
             partitions = None
             while not self._stop.is_set():
@@ -600,20 +601,21 @@ async def _serve(args) -> int:
             log.warning("list state not loaded after %.0f s; listening anyway (fail open until it is)",
                         args.startup_timeout)
     server = PolicyServer(decider, worker)
-    await server.start(args.listen)
-    print(f"stormguard: policy server listening on {args.listen} (state from {source}; "
-          f"frozen lists answer {args.action.upper()})", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
+        await server.start(args.listen)
+        print(f"stormguard: policy server listening on {args.listen} (state from {source}; "
+              f"frozen lists answer {args.action.upper()})", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
-        server.server.close()
-        await server.server.wait_closed()
+        if server.server is not None:
+            server.server.close()
+            await server.server.wait_closed()
         if feed is not None:
-            feed.stop()
+            await asyncio.get_running_loop().run_in_executor(None, feed.stop)
         if worker is not None:
             await worker.close()
         log.warning("policy server stopped: %s", decider.counts)
