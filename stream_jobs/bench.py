@@ -322,7 +322,7 @@ class Bench:
             b.stop()
 
     # -- phases -------------------------------------------------------------------------------
-    def fill(self, broker: EmbeddedBroker, records: list[bytes]) -> dict:
+    def fill(self, broker: EmbeddedBroker, records: list[bytes], desc: str = "fill mail.events") -> dict:
         from stream_jobs.replay import make_producer, produce
         from stream_jobs.serve import ensure_topics
 
@@ -330,7 +330,7 @@ class Bench:
         producer = make_producer(broker.url)
         started = time.perf_counter()
         try:
-            with tqdm(total=len(records), unit="ev", desc="fill mail.events", disable=not self.progress,
+            with tqdm(total=len(records), unit="ev", desc=desc, disable=not self.progress,
                       file=sys.stderr) as bar:
                 produce(records, producer, progress=bar)
         finally:
@@ -378,15 +378,17 @@ class Bench:
                 "partitions": len(tps)}
 
     def drain(self, procs: list[Proc], count: Callable[[str], int], total: int, desc: str,
-              timeout: float) -> dict:
-        """Poll the consumers' counts until together they reach ``total``; time from first record seen.
+              timeout: float, interval: float = 0.2) -> dict:
+        """Poll the consumers' counts until together they reach ``total``; time from the first record seen.
 
-        Throughput is (total - count at the first poll that saw any record) / (time of the
-        poll that saw ``total``) - (time of that first poll): polls are 0.2 s apart.
+        Throughput is (total - n0) / (t_end - t0): t0 and n0 are the time and count of the first
+        poll that saw any record, t_end is interpolated between the last two polls (rate assumed
+        constant within one ``interval``).
         """
         t0 = c0 = None
+        prev_t, prev_n = None, 0
         deadline = time.monotonic() + timeout
-        last = 0
+        shown = 0
         with tqdm(total=total, unit="ev", desc=desc, disable=not self.progress, file=sys.stderr) as bar:
             while True:
                 now = time.perf_counter()
@@ -397,19 +399,26 @@ class Bench:
                     except (OSError, ValueError):
                         counts.append(0)
                 n = sum(counts)
-                bar.update(max(0, min(n, total) - last))
-                last = max(last, min(n, total))
+                if min(n, total) > shown:
+                    bar.update(min(n, total) - shown)
+                    shown = min(n, total)
                 if t0 is None and n > 0:
                     t0, c0 = now, n
                 if n >= total:
                     break
+                prev_t, prev_n = now, n
                 for p in procs:
                     if p.proc.poll() is not None:
                         raise RuntimeError(f"{p.cmd[2]} died:\n{p.tail()}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{desc}: {n}/{total} after {timeout:.0f} s:\n{procs[0].tail()}")
-                time.sleep(0.2)
+                time.sleep(interval)
         end = now
+        if prev_t is not None and prev_t >= t0 and n > prev_n:
+            end = prev_t + (now - prev_t) * (total - prev_n) / (n - prev_n)
+        if t0 is None or end <= t0 or total - c0 <= 0:
+            raise RuntimeError(f"{desc}: finished before it could be timed ({c0} of {total} at the first poll); "
+                               "use more --events")
         # Let duplicates (records redelivered after a rebalance) show, if any.
         time.sleep(1.0)
         final = []
@@ -418,17 +427,15 @@ class Bench:
                 final.append(count(p.url))
             except (OSError, ValueError):
                 final.append(0)
-        if end <= t0 or total - c0 <= 0:
-            raise RuntimeError(f"{desc}: finished before it could be timed ({c0} of {total} at first poll); "
-                               "use more --events")
         return {"events": total, "seconds": end - t0, "events_per_s": (total - c0) / (end - t0),
-                "timed_events": total - c0, "per_process": final, "duplicates": max(0, sum(final) - total)}
+                "timed_events": total - c0, "poll_interval_s": interval, "per_process": final,
+                "duplicates": max(0, sum(final) - total)}
 
     def run_noop(self, broker: EmbeddedBroker, total: int) -> dict:
         p = self.noop(broker).start()
         try:
             ready = p.wait_ready()
-            out = self.drain([p], noop_count, total, "2/4 no-op Faust agent", self.args.phase_timeout)
+            out = self.drain([p], noop_count, total, "2/4 no-op Faust agent", self.args.phase_timeout, interval=0.5)
         finally:
             p.stop()
         out["ready_s"] = ready
@@ -441,7 +448,12 @@ class Bench:
             p.start()
         try:
             ready = [p.wait_ready() for p in procs]
-            out = self.drain(procs, scraped_count, total, desc, self.args.phase_timeout)
+            out = self.drain(procs, scraped_count, total, desc, self.args.phase_timeout, interval=0.5)
+            # What one poll costs the worker it measures (it is idle now): the scrape renders every series.
+            started = time.perf_counter()
+            for _ in range(10):
+                scraped_count(procs[0].url)
+            out["metrics_scrape_ms"] = (time.perf_counter() - started) * 100.0
         finally:
             for p in procs:
                 p.stop()
@@ -476,7 +488,7 @@ class Bench:
                "actions": cli_actions, "includes": "interpreter start-up, file read, action lines written"}
         return in_process, cli
 
-    def startup(self, broker: EmbeddedBroker, samples: int, **extra: str) -> tuple[dict, Proc]:
+    def startup(self, broker: EmbeddedBroker, samples: int, **extra: str) -> tuple[dict, "Proc"]:
         """Start the worker ``samples`` times (first with a new group, then restarts of it); keep the last."""
         app_id = f"sg-bench-live-{uuid.uuid4().hex[:6]}"
         times = []
@@ -491,21 +503,21 @@ class Bench:
                          "the others restarts of the same group"}, p)
 
     def latency(self, broker: EmbeddedBroker, worker: Proc, seconds: float, rate: float,
-                storm_every: float) -> dict:
+                storm_every: float, replies: int = 5) -> dict:
         """Background traffic at ``rate`` events/s; a storm on a fresh list every ``storm_every`` s.
 
-        Each storm is a 50,000-member list never seen before, a root post from a sender
-        never seen before, then (0.25 s later) reply-alls: the first reply-all is what
-        freezes it. Latency is from just before that reply-all's ``send()`` to the moment
-        the freeze naming it is read from ``stormguard.actions`` (consumer assigned to every
-        partition, 5 ms fetch wait).
+        Each storm is a 50,000-member list never seen before, a root post from a sender never
+        seen before, then (0.25 s later, 50 ms apart) ``replies`` reply-alls from different
+        people. Latency is from just before the ``send()`` of the message the freeze names
+        (whichever reply-all the policy froze on) to the moment that freeze is read from
+        ``stormguard.actions`` (a consumer assigned to every partition, 5 ms fetch wait).
         """
         from kafka import KafkaConsumer, TopicPartition
 
         from stream_jobs.replay import make_producer, routing_key
 
         sent: dict[str, float] = {}
-        seen: dict[str, tuple[float, float]] = {}
+        seen: dict[str, tuple[float, float, str]] = {}  # list -> (read at, record timestamp, message id)
         stop = threading.Event()
         consumer = KafkaConsumer(bootstrap_servers=[broker.bootstrap], group_id=None, enable_auto_commit=False,
                                  fetch_max_wait_ms=5)
@@ -526,8 +538,8 @@ class Bench:
                     now = time.time()
                     for r in records:
                         a = json.loads(r.value)
-                        if a.get("kind") == "freeze" and a.get("message_id") and a["message_id"] not in seen:
-                            seen[a["message_id"]] = (now, r.timestamp / 1000.0)
+                        if a.get("kind") == "freeze" and a.get("list") and a["list"] not in seen:
+                            seen[a["list"]] = (now, r.timestamp / 1000.0, a.get("message_id"))
 
         reader = threading.Thread(target=read_actions, daemon=True)
         reader.start()
@@ -535,8 +547,8 @@ class Bench:
         enc = msgspec.json.Encoder()
         background = realistic_events(10**9, seed=4242, end_time=time.time() + 3600 * 24 * 365, span=1.0,
                                       storms=0)
-        storms: list[tuple[str, str]] = []  # (list, first reply-all id)
-        pending: list[tuple[float, dict]] = []  # (due, event) storm messages scheduled
+        storms: list[tuple[str, list[str]]] = []  # (list, reply-all ids in order)
+        pending: list[tuple[float, dict]] = []  # (due, event): storm messages, in due order
         start = time.monotonic()
         produced = 0
         next_storm = start + 1.0
@@ -561,14 +573,16 @@ class Bench:
                     lists = {address: 50_000}
                     pending.append((now, {"message_id": root, "sender": f"tester{k}@bench-new.nhs.net",
                                           "recipients": [address], "lists": lists, "subject": f"test {k}"}))
-                    for j in range(3):
+                    ids = []
+                    for j in range(replies):
                         mid = f"<storm{k}.reply{j}.{uuid.uuid4().hex[:6]}@bench>"
-                        if j == 0:
-                            storms.append((address, mid))
+                        ids.append(mid)
                         pending.append((now + 0.25 + 0.05 * j, {
                             "message_id": mid, "sender": f"p{900_000 + 10 * k + j}@bench.nhs.net",
                             "recipients": [address], "lists": lists, "in_reply_to": root,
-                            "subject": f"RE: test {k} - {_STORM_REPLIES[j]}"}))
+                            "subject": f"RE: test {k} - {_STORM_REPLIES[j % len(_STORM_REPLIES)]}"}))
+                    storms.append((address, ids))
+                    pending.sort(key=lambda item: item[0])
                 while pending and pending[0][0] <= now:
                     _, ev = pending.pop(0)
                     ev["timestamp"] = round(time.time(), 3)
@@ -586,31 +600,46 @@ class Bench:
                 producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
                 produced += 1
             bar.update(int(seconds) - shown)
+        for _, ev in pending:  # storm messages still due: send them, so every storm is complete
+            ev["timestamp"] = round(time.time(), 3)
+            raw = enc.encode(ev)
+            sent[ev["message_id"]] = time.time()
+            producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
+            produced += 1
         producer.flush()
         sent_seconds = time.monotonic() - start
+        backlog = produced - (scraped_count(worker.url) - base_before)
         # Wait for the worker to catch up and for the last freezes to show.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         consumed = scraped_count(worker.url) - base_before
         while time.monotonic() < deadline:
             consumed = scraped_count(worker.url) - base_before
-            if consumed >= produced and all(mid in seen for _, mid in storms):
+            if consumed >= produced:
+                time.sleep(0.5)  # the last actions are published after the last record is counted
                 break
             time.sleep(0.1)
         stop.set()
         reader.join(2)
         producer.close()
         consumer.close()
-        visible = [(seen[mid][0] - sent[mid]) * 1000.0 for _, mid in storms if mid in seen]
-        published = [(seen[mid][1] - sent[mid]) * 1000.0 for _, mid in storms if mid in seen]
+        visible, published, nth = [], [], []
+        for address, ids in storms:
+            if address in seen and seen[address][2] in sent:
+                read_at, stamped, mid = seen[address]
+                visible.append((read_at - sent[mid]) * 1000.0)
+                published.append((stamped - sent[mid]) * 1000.0)
+                nth.append(ids.index(mid) + 1 if mid in ids else 0)
         if not visible:
             raise RuntimeError(f"no storm was frozen during the latency phase:\n{worker.tail()}")
         return {
             "background_target_eps": rate, "produced": produced, "produced_eps": produced / sent_seconds,
-            "consumed": consumed, "seconds": sent_seconds, "storms": len(storms), "frozen": len(visible),
+            "consumed": consumed, "backlog_when_production_stopped": backlog, "seconds": sent_seconds,
+            "storms": len(storms), "frozen": len(visible),
             "p50_ms": percentile(visible, 50), "p99_ms": percentile(visible, 99), "max_ms": max(visible),
             "publish_p50_ms": percentile(published, 50), "publish_p99_ms": percentile(published, 99),
             "samples_ms": [round(v, 2) for v in visible],
-            "what": "send() of a storm's first reply-all to the freeze read from stormguard.actions; "
+            "frozen_on_reply": {str(i): nth.count(i) for i in sorted(set(nth))},
+            "what": "send() of the message a freeze names to that freeze read from stormguard.actions; "
                     "producer linger 5 ms (as replay), actions consumer fetch wait 5 ms; "
                     "publish_* use the action record's own timestamp instead of the read time",
         }
@@ -650,12 +679,24 @@ class Bench:
         from stream_jobs.serve import ensure_topics
 
         ensure_topics(live.url, a.partitions)
-        # Storms are injected every second or so: lift the hourly freeze budget, which is a
-        # safety limit for production, not something to measure here.
-        results["startup"], worker = self.startup(live, a.startup_samples,
-                                                  STORMGUARD_MAX_FREEZES_PER_HOUR="1000000")
+        results["startup"], sampled = self.startup(live, a.startup_samples)
+        sampled.stop()
+        # The latency worker first reads a day and more of history (the policy calls a list "new"
+        # only once it has watched long enough), then background traffic and storms flow in real time.
+        history = encode_all(realistic_events(a.history_events, seed=a.seed + 1, span=26 * 3600.0, storms=0))
+        self.fill(live, history, desc="history")
+        # Storms are injected every second or so: lift the hourly freeze budget, a safety limit
+        # for production, not something to measure here.
+        worker = self.worker(live, STORMGUARD_MAX_FREEZES_PER_HOUR="1000000").start()
+        worker.wait_ready()
+        deadline = time.monotonic() + a.phase_timeout
+        while scraped_count(worker.url) < len(history):
+            if time.monotonic() > deadline or worker.proc.poll() is not None:
+                raise RuntimeError(f"the latency worker did not read its history:\n{worker.tail()}")
+            time.sleep(0.2)
         results["latency"] = self.latency(live, worker, a.latency_seconds, a.rate, a.storm_every)
-        results["latency"]["policy_overrides"] = {"max_freezes_per_hour": 1_000_000}
+        results["latency"].update(policy_overrides={"max_freezes_per_hour": 1_000_000},
+                                  history_events=len(history), history_hours=26)
         worker.stop()
 
         results["ratios"] = {name: {"value": lookup(results, num) / lookup(results, den), "of": num, "over": den}
@@ -770,7 +811,9 @@ def table(r: dict) -> str:
     lat, st, mem = r["latency"], r["startup"], r["memory"]
     out += ["",
             f"produce→freeze under {lat['produced_eps']:,.0f} ev/s background: p50 {lat['p50_ms']:.0f} ms, "
-            f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms frozen)",
+            f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms frozen; "
+            f"frozen on reply-all #: {lat['frozen_on_reply']}; backlog when production stopped "
+            f"{lat['backlog_when_production_stopped']:,} events)",
             f"worker start-up to /healthz 200: median {st['median_s']:.2f} s "
             f"(min {st['min_s']:.2f}, max {st['max_s']:.2f}, {len(st['samples_s'])} samples)",
             f"state: {mem['bytes_per_sender']:.0f} B per sender, {mem['bytes_per_list']:.0f} B per list (one post), "
@@ -804,6 +847,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.memory_senders = 5_000 if q else 20_000
     args.memory_lists = 1_000 if q else 5_000
     args.memory_busy_lists = 20 if q else 100
+    args.history_events = 3_000 if q else 10_000
     bench = Bench(args)
     try:
         results = bench.run()

@@ -1,0 +1,99 @@
+"""``make bench`` in --quick mode: every figure is there, positive and consistent.
+
+Speed is never asserted here (the machine is shared); only that the bench
+measured what it says it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.live
+
+THROUGHPUT = ("bare_aiokafka", "faust_noop", "worker", "two_workers", "offline_score", "offline_score_cli")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench-results.json"
+    done = subprocess.run([sys.executable, "-m", "stream_jobs.bench", "--quick", "--no-progress", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "worker_vs_noop" in done.stdout and str(out) in done.stdout  # the readable table was printed
+    return json.loads(out.read_text())
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.timeout(1200)
+def test_every_throughput_figure_is_there_and_counts_every_event(results):
+    from stream_jobs.bench import lookup
+
+    n = results["events"]["count"]
+    assert n >= 10_000 and results["events"]["list_posts"] > 0 and results["events"]["list_replies"] > 0
+    assert results["events"]["partitions"] >= 2
+    for name in THROUGHPUT:
+        row = results["throughput"][name]
+        assert row["events"] == n, name
+        assert _positive(row["seconds"]) and _positive(row["events_per_s"]), (name, row)
+    # Live consumers: rate is records timed over seconds timed.
+    for name in ("faust_noop", "worker", "two_workers"):
+        row = results["throughput"][name]
+        assert 0 < row["timed_events"] <= n
+        assert row["events_per_s"] == pytest.approx(row["timed_events"] / row["seconds"], rel=1e-9)
+        assert sum(row["per_process"]) >= n  # every record was consumed (duplicates show as more)
+    assert results["throughput"]["bare_aiokafka"]["events_per_s"] == pytest.approx(
+        n / results["throughput"]["bare_aiokafka"]["seconds"], rel=1e-9)
+    assert len(results["throughput"]["two_workers"]["per_process"]) == 2
+    assert _positive(results["throughput"]["worker"]["metrics_scrape_ms"])
+    assert results["throughput"]["offline_score"]["invalid"] == 0
+    # The CLI and the in-process detector took the same decisions on the same records.
+    assert results["throughput"]["offline_score_cli"]["actions"] == results["throughput"]["offline_score"]["actions"]
+    assert lookup(results, "throughput.worker.events_per_s") == results["throughput"]["worker"]["events_per_s"]
+
+
+@pytest.mark.timeout(1200)
+def test_ratios_are_the_quotients_of_the_figures(results):
+    from stream_jobs.bench import RATIOS, lookup
+
+    assert set(results["ratios"]) == set(RATIOS)
+    for name, (num, den) in RATIOS.items():
+        ratio = results["ratios"][name]
+        assert (ratio["of"], ratio["over"]) == (num, den)
+        assert _positive(ratio["value"])
+        assert ratio["value"] == pytest.approx(lookup(results, num) / lookup(results, den), rel=1e-9), name
+
+
+@pytest.mark.timeout(1200)
+def test_latency_startup_and_memory_figures(results):
+    lat = results["latency"]
+    assert lat["storms"] >= 3 and 1 <= lat["frozen"] <= lat["storms"]
+    assert len(lat["samples_ms"]) == lat["frozen"]
+    assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"] + 1e-6
+    assert max(lat["samples_ms"]) == pytest.approx(lat["max_ms"], abs=0.01)
+    assert _positive(lat["produced_eps"]) and lat["produced"] > 0
+    assert 0 < lat["consumed"] <= lat["produced"]
+    assert lat["background_target_eps"] > 0
+
+    st = results["startup"]
+    assert len(st["samples_s"]) >= 2 and all(_positive(x) for x in st["samples_s"])
+    assert st["min_s"] <= st["median_s"] <= st["max_s"]
+
+    mem = results["memory"]
+    for key in ("bytes_per_sender", "bytes_per_list", "bytes_per_busy_list"):
+        assert _positive(mem[key]), key
+    assert mem["senders"] > 0 and mem["lists"] > 0 and mem["busy_lists"] > 0
+    assert mem["bytes_per_busy_list"] > mem["bytes_per_list"]  # full buffers cost more than one post
+
+    m = results["machine"]
+    assert m["cpus"] >= 1 and m["python"] and m["cpu_model"] is not None
+    assert _positive(results["duration_s"])
