@@ -9,21 +9,32 @@ stream's event time passes them.
 How a storm is recognised
 -------------------------
 *Fan-out*: every message is scored against its sender's habit
-(:class:`~detectors.baselines.SenderFanout`). A root post that reaches many
-mailboxes and is out of character (a sender who never posts to lists, a list
-never seen before, or a reach far past the sender's habit) marks its thread
-as anomalous and raises an alert.
+(:class:`~detectors.baselines.SenderFanout`). A first post to a list is
+*anomalous* when nothing about it is usual: a very big list
+(``new_list_min_members``) never seen before, once the warm-up is over; or a *closed* list (a bulletin: its threads rarely draw
+replies) posted to by someone who is not one of its posters and whose reach
+is out of character (never posts to lists, never seen, or far past their
+habit). An anomalous post raises an alert and marks its thread.
 
 *Reply velocity*: every reply-all to a list is counted in an event-time window
 and compared with the list's own learned norm
 (:class:`~detectors.baselines.ReplyVelocity`), and weighed by harm: the
-deliveries those replies caused.
+deliveries those replies caused (``harm_deliveries``).
 
-A list is frozen on the first reply-all to an anomalous post (one reply-all
-delivered), or when its reply-alls are both above its norm and harmful
-(``min_replies``, three by default). Lists too small to hurt, discussion
-lists whose norm is lively, and big lists with one or two stray replies are
-left alone.
+A list is frozen:
+
+* on the first reply-all to an anomalous post (one reply-all delivered);
+* on a closed list whose norm is known (seen for ``list_warmup``), when
+  ``min_replies`` reply-alls (three) are above its norm and harmful, in the
+  velocity window or to one post within ``thread_window`` (a slow burn);
+* on a list too young to have a norm, when ``min_replies`` different people
+  reply-all to one post within the window (fan-in; a conversation, where
+  someone answers twice or the first poster answers, is not a storm);
+* on an open (discussion) list, only at ``open_min_replies`` and
+  ``open_factor`` times its learned norm.
+
+Lists too small to hurt, discussion lists whose norm is lively, and big lists
+with one or two stray replies are left alone.
 
 >>> from detectors.events import MailEvent
 >>> det = StormDetector(PolicyConfig(warmup_events=0))
@@ -59,6 +70,10 @@ MAX_THREADS_PER_LIST = 64
 MAX_MESSAGES_PER_LIST = 256
 #: Distinct posters remembered per list.
 MAX_POSTERS_PER_LIST = 32
+#: Records more than ``max_future_skew`` ahead of the stream are rejected,
+#: unless this many agree (within ``max_future_skew`` of each other): then the
+#: stream itself has jumped, and the first of them was the only one lost.
+FUTURE_CONFIRMATIONS = 2
 
 
 class LateEvent(InvalidEvent):
@@ -77,12 +92,27 @@ class ListStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Thread:
-    __slots__ = ("anomalous", "root_time", "replies")
+    """One thread on one list: was its first post anomalous, and who answered it."""
 
-    def __init__(self, anomalous: bool, root_time: float):
+    __slots__ = ("anomalous", "root_time", "replies", "poster", "repliers", "conversation")
+
+    def __init__(self, anomalous: bool, root_time: float, poster: str = ""):
         self.anomalous = anomalous
         self.root_time = root_time
         self.replies = 0
+        self.poster = poster
+        #: The first few distinct people who replied.
+        self.repliers: set[str] = set()
+        #: Someone answered twice, or the first poster answered: people are talking.
+        #: A storm is fan-in instead: many different people, each answering once.
+        self.conversation = False
+
+    def add_reply(self, sender: str) -> None:
+        self.replies += 1
+        if sender == self.poster or sender in self.repliers:
+            self.conversation = True
+        elif len(self.repliers) < 16:
+            self.repliers.add(sender)
 
 
 class ListState:
@@ -90,7 +120,7 @@ class ListState:
 
     __slots__ = ("address", "members", "posts", "last_seen", "posters", "velocity", "threads",
                  "message_threads", "frozen_since", "frozen_until", "frozen_reason", "frozen_actor",
-                 "alerted_until")
+                 "alerted_until", "roots", "replied_threads", "first_seen")
 
     def __init__(self, address: str, window: float):
         self.address = address
@@ -106,6 +136,10 @@ class ListState:
         self.frozen_reason: Optional[str] = None
         self.frozen_actor: Optional[str] = None
         self.alerted_until = -math.inf
+        #: Threads started here, and how many of them drew at least one reply-all.
+        self.roots = 0
+        self.replied_threads = 0
+        self.first_seen = math.inf
 
     @property
     def frozen(self) -> bool:
@@ -130,6 +164,19 @@ class ListState:
                 return known
         return event.thread
 
+    def is_open(self, config: PolicyConfig, upper: float, current: Optional["_Thread"] = None) -> bool:
+        """A discussion list: most earlier threads drew replies, or lively replies are its norm.
+
+        The current thread is left out, so a storm cannot make its own list look open.
+        """
+        if upper >= config.discussion_norm:
+            return True
+        roots, replied = self.roots, self.replied_threads
+        if current is not None:
+            roots -= 1
+            replied -= current.replies > 0
+        return replied >= 2 and replied >= config.open_reply_share * roots
+
     def count_poster(self, sender: str) -> None:
         self.posters[sender] = self.posters.pop(sender, 0) + 1
         if len(self.posters) > MAX_POSTERS_PER_LIST:
@@ -148,24 +195,40 @@ class StormDetector:
         self._frozen: dict[str, ListState] = {}
         self._next_expiry = math.inf
         self._freeze_times: deque[float] = deque()
+        #: Recent records rejected as too far ahead (see FUTURE_CONFIRMATIONS).
+        self._ahead: deque[float] = deque()
 
     # -- the decision path -------------------------------------------------------
     def process(self, event: MailEvent) -> list[Action]:
         """Learn from one event and return the actions it triggers (may be empty).
 
         Raises :class:`InvalidEvent` (or :class:`LateEvent`) without changing any
-        state when the event cannot be placed in time.
+        learned state when the event cannot be placed in time (it only notes a
+        record that is far ahead, so that several which agree move the stream on).
         """
         cfg = self.config
         t = event.event_time
         if self.watermark is not None and t > self.watermark + cfg.max_future_skew:
-            raise InvalidEvent(f"timestamp {t:.0f} is {t - self.watermark:.0f} s ahead of the stream "
-                               f"(max_future_skew {cfg.max_future_skew:.0f} s)")
+            # One record far ahead is a clock or unit error; several that agree with each other mean
+            # the stream itself moved on (a quiet month in a small organisation), and we follow it.
+            ahead = self._ahead
+            while ahead and abs(ahead[0] - t) > cfg.max_future_skew:
+                ahead.popleft()
+            if len(ahead) < FUTURE_CONFIRMATIONS - 1:
+                ahead.append(t)
+                raise InvalidEvent(f"timestamp {t:.0f} is {t - self.watermark:.0f} s ahead of the stream "
+                                   f"(max_future_skew {cfg.max_future_skew:.0f} s)")
+            ahead.clear()
         for address in event.lists:
             state = self.lists.get(address)
             if state is not None and t < state.last_seen - cfg.max_lateness:
                 raise LateEvent(f"event is {state.last_seen - t:.0f} s behind list {address} "
                                 f"(max_lateness {cfg.max_lateness:.0f} s)")
+            if state is not None and event.message_id in state.message_threads:
+                # A redelivery (at-least-once producers, or a worker re-reading
+                # after a crash): it was counted once already; counting it
+                # again would inflate the reply velocity.
+                return []
 
         actions: list[Action] = []
         if self.watermark is None or t > self.watermark:
@@ -203,6 +266,8 @@ class StormDetector:
         else:
             self.lists.move_to_end(address)
         state.members = members
+        state.first_seen = min(state.first_seen, t)
+        established = t - state.first_seen >= cfg.list_warmup
         state.posts += 1
         state.last_seen = max(state.last_seen, t)
         regular = event.sender in state.posters
@@ -210,38 +275,51 @@ class StormDetector:
         state.remember_message(event.message_id, thread_key)
         velocity = state.velocity
         velocity.observe_hours_until(t)
-        discussion = velocity.expected_upper(cfg.norm_sigmas) >= cfg.discussion_norm
+        upper = velocity.expected_upper(cfg.norm_sigmas)
 
         if not event.is_reply or trusted:
             state.count_poster(event.sender)
             if event.is_reply:
                 return
-            out_of_character = (
-                fanout_z >= cfg.fanout_z
-                or (sender.list_posts == 0 and sender.n > 0)
-                or (never_seen and warm)
-            )
-            anomalous = (warm and not trusted and not regular and not discussion
-                         and members >= cfg.anomalous_min_deliveries and out_of_character
-                         and sender.max_deliveries < members)
-            state.threads[thread_key] = _Thread(anomalous, t)
+            # A first post is anomalous when nothing about it is usual: a big list never seen before,
+            # or a closed (bulletin-like) list posted to by someone who is not one of its posters and
+            # whose reach is out of character (never posts to lists, or far past their habit).
+            open_list = state.is_open(cfg, upper)
+            out_of_character = sender.n == 0 or sender.list_posts == 0 or fanout_z >= cfg.fanout_z
+            if established:  # its habits are known: only a closed (bulletin-like) list can be surprised
+                surprising = not open_list and out_of_character
+            else:  # new to us: only a very big list we have never seen is a surprise
+                surprising = never_seen and members >= cfg.new_list_min_members
+            anomalous = (warm and not trusted and not regular and members >= cfg.anomalous_min_deliveries
+                         and sender.max_deliveries < members and surprising)
+            state.roots += 1
+            state.threads[thread_key] = _Thread(anomalous, t, event.sender)
             state.threads.move_to_end(thread_key)
             if len(state.threads) > MAX_THREADS_PER_LIST:
                 state.threads.popitem(last=False)
             if anomalous:
                 why = ("a list never seen before" if never_seen else
                        "a sender who never posts to lists" if sender.list_posts == 0 else
+                       "a sender never seen before" if sender.n == 0 else
                        f"reach {fanout_z:.1f} sd past this sender's habit")
                 yield self._action("alert", address, event, "fanout", fanout_z,
-                                   f"post to {members} members from {why}")
+                                   f"post to {members} members of a bulletin-like list from {why}"
+                                   if not never_seen else f"post to {members} members of {why}")
             return
 
         # A reply-all to the list.
         velocity.learn_one(t)
         state.count_poster(event.sender)
         thread = state.threads.get(thread_key)
-        if thread is not None:
-            thread.replies += 1
+        if thread is None:  # its first post came before we started, or was lost: the thread starts here
+            thread = state.threads[thread_key] = _Thread(False, t)
+            state.roots += 1
+            if len(state.threads) > MAX_THREADS_PER_LIST:
+                state.threads.popitem(last=False)
+        thread.add_reply(event.sender)
+        if thread.replies == 1:
+            state.replied_threads += 1
+        open_list = state.is_open(cfg, upper, thread)
         if state.frozen:
             velocity.hold(t)
             if not math.isinf(state.frozen_until):
@@ -249,21 +327,47 @@ class StormDetector:
             return
 
         n = velocity.count(t)
-        upper = velocity.expected_upper(cfg.norm_sigmas)
         harm = n * members
         big_enough = members >= cfg.min_list_members and address not in cfg.allow_lists
-        if (thread is not None and thread.anomalous and big_enough and warm
-                and t - thread.root_time <= cfg.velocity_window):
+        closed = established and not open_list
+        # A young list (habits not learned yet) that is not known to be open: a fan-in of distinct
+        # people answering one post is a storm; a conversation is not.
+        fan_in = (thread is not None and not established and not open_list and not thread.conversation
+                  and thread.replies >= cfg.min_replies and t - thread.root_time <= cfg.velocity_window
+                  and thread.replies * members >= cfg.harm_deliveries)
+        slow = (thread is not None and closed and t - thread.root_time <= cfg.thread_window
+                and thread.replies >= cfg.min_replies and thread.replies * members >= cfg.harm_deliveries)
+        need = cfg.min_replies if closed else max(cfg.open_min_replies, math.floor(cfg.open_factor * upper) + 1)
+        if not (big_enough and warm):
+            pass
+        elif thread is not None and thread.anomalous and t - thread.root_time <= cfg.velocity_window:
             velocity.hold(t)
             yield from self._freeze(state, event, "reply_to_anomalous_post", float(n),
                                     f"reply-all #{thread.replies} to an anomalous post reaching {members} members")
-        elif n >= cfg.min_replies and n > upper and harm >= cfg.harm_deliveries and big_enough and warm:
+            return
+        elif n >= need and n > upper and harm >= cfg.harm_deliveries:
             velocity.hold(t)
             yield from self._freeze(state, event, "reply_velocity", n / max(upper, 1.0),
                                     f"{n} reply-alls in {cfg.velocity_window / 60:.0f} min (norm <= {upper:.1f}) "
-                                    f"caused {harm} deliveries to {members} members")
-        elif n >= 2 and n > upper and harm >= cfg.harm_deliveries / 2 and t >= state.alerted_until:
+                                    f"caused {harm} deliveries to {members} members"
+                                    + ("" if closed else " of a discussion list" if open_list else
+                                       " of a list without a learned norm yet"))
+            return
+        elif slow:
             velocity.hold(t)
+            yield from self._freeze(state, event, "thread_replies", float(thread.replies),
+                                    f"{thread.replies} reply-alls to one post on a bulletin-like list in "
+                                    f"{(t - thread.root_time) / 60:.0f} min caused "
+                                    f"{thread.replies * members} deliveries to {members} members")
+            return
+        elif fan_in:
+            velocity.hold(t)
+            yield from self._freeze(state, event, "reply_fan_in", float(len(thread.repliers)),
+                                    f"{thread.replies} different people reply-all to one post to {members} "
+                                    f"members within {(t - thread.root_time) / 60:.0f} min of it")
+            return
+        if n >= 2 and n > upper and harm >= cfg.harm_deliveries / 2 and t >= state.alerted_until:
+            # an alert does not stop the hour being learned: if it was nothing, it is the norm
             state.alerted_until = t + cfg.velocity_window
             yield self._action("alert", address, event, "reply_velocity", n / max(upper, 1.0),
                                f"{n} reply-alls in {cfg.velocity_window / 60:.0f} min (norm <= {upper:.1f}) "

@@ -34,13 +34,35 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: Reply-alls within ``velocity_window`` needed before the velocity rule
     #: can freeze a list whose first post was ordinary (Exchange waits for 10).
     min_replies: int = 3
+    #: The same, for *open* lists (discussion lists: most of their threads get
+    #: replies, or lively reply traffic is their norm). Reply-all is normal on
+    #: them, so it takes more than a few to call it a storm.
+    open_min_replies: int = 20
+    #: On open lists the reply-alls must also exceed their learned norm this
+    #: many times over (a busy afternoon on a discussion list is not a storm).
+    open_factor: float = 2.0
+    #: Share of a list's earlier threads that drew a reply-all above which the
+    #: list is open (a bulletin with the odd stray reply is well below it).
+    open_reply_share: float = 0.4
+    #: A list seen for the first time is only "anomalous" (frozen on its first
+    #: reply-all) when its first post reaches at least this many members;
+    #: smaller new lists are frozen by the fan-in rule after ``min_replies``.
+    new_list_min_members: int = 20_000
+    #: Seconds of event time a list must have been seen before its own norm is
+    #: trusted: until then it may be a discussion list whose habits are not
+    #: learned yet, so the velocity rule needs ``open_min_replies``.
+    list_warmup: float = 24 * 3600.0
+    #: Seconds a thread on a closed list stays one storm: ``min_replies``
+    #: reply-alls to one bulletin within this time freeze it however slowly
+    #: they came (a slow burn), as long as they did ``harm_deliveries`` harm.
+    thread_window: float = 24 * 3600.0
     #: Event-time window, in seconds, over which reply-alls to a list are counted.
     velocity_window: float = 3600.0
     #: How many standard deviations above its hourly norm a list may go.
     norm_sigmas: float = 3.0
     #: Deliveries the reply-alls in the window must have caused before the
     #: velocity rule freezes (harm, not just unusualness).
-    harm_deliveries: int = 2_000
+    harm_deliveries: int = 1_600
     #: Lists whose learned norm is at least this many reply-alls per window
     #: are discussion lists: the first-reply rule does not apply to them.
     discussion_norm: float = 3.0
@@ -65,12 +87,18 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     def __post_init__(self) -> None:
         for name in ("warmup_events", "min_list_members", "anomalous_min_deliveries", "min_replies",
-                     "harm_deliveries", "max_freezes_per_hour", "max_senders", "max_lists"):
+                     "open_min_replies", "new_list_min_members", "harm_deliveries",
+                     "max_freezes_per_hour", "max_senders", "max_lists"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("velocity_window", "cooldown", "max_lateness", "max_future_skew"):
+        for name in ("velocity_window", "thread_window", "list_warmup", "cooldown",
+                     "max_lateness", "max_future_skew"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds")
+        if self.open_factor < 1.0:
+            raise ValueError("open_factor must be >= 1")
+        if not 0.0 <= self.open_reply_share <= 1.0:
+            raise ValueError("open_reply_share must be within 0..1")
         if self.min_replies < 1:
             raise ValueError("min_replies must be >= 1")
 

@@ -21,6 +21,8 @@ EXTENSIONS: list[str] = [
     "stream_jobs.deliver",
     "stream_jobs.postfix_ingest",
     "stream_jobs.postfix_policy",
+    "stream_jobs.simulate",
+    "stream_jobs.evaluate",
 ]
 
 
