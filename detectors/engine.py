@@ -229,6 +229,11 @@ class StormDetector:
                 # after a crash): it was counted once already; counting it
                 # again would inflate the reply velocity.
                 return []
+            if state is not None and event.message_id in state.message_threads:
+                # A redelivery (at-least-once producers, or a worker re-reading
+                # after a crash): it was counted once already; counting it
+                # again would inflate the reply velocity.
+                return []
 
         actions: list[Action] = []
         if self.watermark is None or t > self.watermark:

@@ -69,9 +69,28 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
-        listener = f"tcp://{self.host}:{self.port}"
+        """Start and wait until it listens.
+
+        A broker restarted on its old port may find the port still held by the
+        previous run's connections in TIME_WAIT (Tansu does not set
+        SO_REUSEADDR); it is tried again until ``timeout``.
+        """
         with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
             raise BrokerError(f"{self.host}:{self.port} is already in use; pick another --port")
+        deadline = time.monotonic() + timeout
+        while True:
+            self._spawn()
+            try:
+                wait_for_port(self.host, self.port, min(3.0, max(0.5, deadline - time.monotonic())), self.proc)
+                return self
+            except BrokerError as exc:
+                self.stop()
+                if time.monotonic() >= deadline:
+                    raise BrokerError(f"{exc} (after {timeout:.0f} s of retries)") from None
+                time.sleep(0.5)
+
+    def _spawn(self) -> None:
+        listener = f"tcp://{self.host}:{self.port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [broker_binary(), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
@@ -79,12 +98,6 @@ class EmbeddedBroker:
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         if self.log_path:
             out.close()
-        try:
-            wait_for_port(self.host, self.port, timeout, self.proc)
-        except BrokerError:
-            self.stop()
-            raise
-        return self
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

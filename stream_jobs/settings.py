@@ -85,6 +85,7 @@ class WorkerSettings:
     data_dir: str = ".stormguard"
     session_timeout: float = 4.0
     heartbeat_interval: float = 0.5
+    fetch_max_wait_ms: int = 100
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     sasl_mechanism: Optional[str] = None
@@ -140,6 +141,7 @@ class WorkerSettings:
             data_dir=env.get("STORMGUARD_DATA_DIR") or cls.data_dir,
             session_timeout=num("STORMGUARD_SESSION_TIMEOUT", cls.session_timeout, float),
             heartbeat_interval=num("STORMGUARD_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
+            fetch_max_wait_ms=num("STORMGUARD_FETCH_MAX_WAIT_MS", cls.fetch_max_wait_ms),
             policy=policy_from_env(env),
             sasl_mechanism=env.get("STORMGUARD_KAFKA_SASL_MECHANISM") or None,
             sasl_username=env.get("STORMGUARD_KAFKA_SASL_USERNAME") or None,

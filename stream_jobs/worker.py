@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import faust
 import msgspec
+from faust.transport.drivers import aiokafka as _faust_aiokafka
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from detectors.engine import ListStatus, StormDetector, process_raw
@@ -33,6 +34,19 @@ from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVEN
 log = logging.getLogger("stormguard.worker")
 
 settings = WorkerSettings.from_env()
+
+
+def _create_worker_consumer(self, transport):
+    # Faust hard-codes a 1.5 s fetch long-poll; a broker that does not answer a
+    # long poll early when data arrives (Tansu) then delays every freeze by up
+    # to that. A short long-poll costs a few idle fetches a second.
+    consumer = _original_create_worker_consumer(self, transport)
+    consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms
+    return consumer
+
+
+_original_create_worker_consumer = _faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+_faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
 
 app = faust.App(
     settings.app_id,
@@ -88,7 +102,8 @@ async def score(stream):
     _restore_state()
     async for event in stream.events():
         raw = event.value
-        outcome = process_raw(detector, raw if isinstance(raw, bytes) else bytes(raw or b""))
+        with metrics.PROCESSING_SECONDS.time():
+            outcome = process_raw(detector, raw if isinstance(raw, bytes) else bytes(raw or b""))
         if outcome.error is not None:
             await _dead_letter(event, outcome.error)
         else:
@@ -111,6 +126,7 @@ async def operate(stream):
             error = None
             if action is not None:
                 await _publish(action)
+                metrics.observe_action(action)
         future = _pending_commands.pop(cmd["id"], None)
         if future is not None and not future.done():
             future.set_result((action, error))
@@ -155,8 +171,8 @@ async def _dead_letter(event, reason: str) -> None:
 
 
 def _record_time(event) -> Optional[float]:
-    ts = getattr(event.message, "timestamp", None)
-    return ts / 1000.0 if ts else None
+    ts = getattr(event.message, "timestamp", None)  # Faust gives epoch seconds
+    return float(ts) if ts else None
 
 
 def _save_state(event) -> None:

@@ -38,3 +38,20 @@ BAD_RECORDS: list[bytes] = [
 
 def lines(events: list[dict]) -> list[bytes]:
     return [json.dumps(e).encode() for e in events]
+
+
+def bulletin_storm(replies: int = 6, members: int = 50_000) -> list[dict]:
+    """A daily bulletin from its usual owner for three days, then reply-alls to the last one.
+
+    The first post of this storm is ordinary, so the velocity rule must catch it.
+    """
+    out = []
+    for k in range(3):
+        out.append({"message_id": f"bul{k}", "timestamp": T0 + 2500 + k * 86_400, "sender": "comms@nhs.net",
+                    "recipients": ["bulletin@nhs.net"], "lists": {"bulletin@nhs.net": members},
+                    "subject": f"Daily bulletin {k}"})
+    start = T0 + 2500 + 2 * 86_400 + 900
+    out += [{"message_id": f"bre{j}", "timestamp": start + j * 30, "sender": f"x{j}@nhs.net",
+             "recipients": ["bulletin@nhs.net"], "lists": {"bulletin@nhs.net": members},
+             "subject": "RE: Daily bulletin 2", "in_reply_to": "bul2"} for j in range(replies)]
+    return out

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, STORMGUARD, http_json, produce_lines, read_topic
-from tests.scenarios import BAD_RECORDS, T0, background, lines, nhsmail_storm
+from tests.scenarios import BAD_RECORDS, T0, background, bulletin_storm, lines, nhsmail_storm
 
 pytestmark = pytest.mark.live
 
@@ -73,14 +73,7 @@ def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path
     """One decision path: `stormguard score` and the live worker agree action for action."""
     events = background(300) + nhsmail_storm(T0 + 4000, replies=5)
     # A second storm whose first post is ordinary: a bulletin from its usual owner, then reply-alls.
-    for k in range(3):
-        events.append({"message_id": f"bul{k}", "timestamp": T0 + 5000 + k * 600, "sender": "comms@nhs.net",
-                       "recipients": ["bulletin@nhs.net"], "lists": {"bulletin@nhs.net": 50_000},
-                       "subject": f"Weekly bulletin {k}"})
-    for j in range(5):
-        events.append({"message_id": f"bre{j}", "timestamp": T0 + 6300 + j * 30, "sender": f"x{j}@nhs.net",
-                       "recipients": ["bulletin@nhs.net"], "lists": {"bulletin@nhs.net": 50_000},
-                       "subject": "RE: Weekly bulletin 2", "in_reply_to": "bul2"})
+    events += bulletin_storm(replies=5)
     events.sort(key=lambda e: e["timestamp"])
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(lines(events)) + b"\n")
