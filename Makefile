@@ -10,6 +10,7 @@ APT_PACKAGES := prometheus postfix
 .PHONY: install demo test test-fast bench clean apt
 
 install: $(STAMP) $(APT_STAMP)
+	@PYTHON=$(PYTHON) sh deploy/mailman/install.sh
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,4 +45,4 @@ bench: install
 	@$(PY) -m stream_jobs.bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .stormguard out
+	rm -rf $(VENV) .venv-mailman .pytest_cache .hypothesis .stormguard out
