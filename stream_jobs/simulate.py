@@ -563,6 +563,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="act as the gateway with the detectors in-process: hold posts to frozen lists")
     loop.add_argument("--broker", help="act as the gateway live: produce to mail.events on this broker and hold "
                                        "posts to lists that stormguard.actions froze (needs a running worker)")
+    p.add_argument("--worker-url", help="with --broker: the worker's HTTP address (http://HOST:PORT), so the "
+                                        "gateway waits for its decision before each post to the storm list")
     p.add_argument("--speed", type=float, default=0.0,
                    help="with --broker: event-time seconds per wall second for the storm (default 0: no pacing)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -581,7 +583,8 @@ def _simulate(args) -> int:
     if args.broker:
         from stream_jobs.demo import LiveGateway
 
-        live = gateway = LiveGateway(args.broker, speed=args.speed)
+        live = gateway = LiveGateway(args.broker, args.worker_url, speed=args.speed,
+                                     watch=[sc.storm.list_address] if sc.storm else [])
     elif args.closed_loop:
         from stream_jobs.evaluate import StormguardGateway
 
