@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write rejected records (raw line + reason) as JSON lines to FILE")
     p.set_defaults(func=_score)
 
+    p = sub.add_parser("settings", help="print every setting with its default and meaning (Markdown)")
+    p.set_defaults(func=_settings)
+
     p = sub.add_parser("replay", help=f"produce a JSON-lines events file to {EVENTS_TOPIC}")
     p.add_argument("file", help="events file (JSON lines), or - for stdin")
     p.add_argument("--broker", help="kafka://HOST:PORT (default $STORMGUARD_BROKER or kafka://127.0.0.1:9092)")
@@ -36,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topic", default=EVENTS_TOPIC, help=f"topic (default {EVENTS_TOPIC})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_replay)
+
+
+def _settings(args) -> int:
+    from stream_jobs.settings import settings_markdown
+
+    sys.stdout.write(settings_markdown())
+    return 0
 
 
 def _broker(args) -> int:
