@@ -11,7 +11,9 @@ How a storm is recognised
 *Fan-out*: every message is scored against its sender's habit
 (:class:`~detectors.baselines.SenderFanout`). A first post to a list is
 *anomalous* when nothing about it is usual: a very big list
-(``new_list_min_members``) never seen before, once the warm-up is over; or a *closed* list (a bulletin: its threads rarely draw
+(``new_list_min_members``) never seen before and bigger than any list we know
+(unprecedented reach, as when NHSmail's list held every account), once the
+warm-up is over; or a *closed* list (a bulletin: its threads rarely draw
 replies) posted to by someone who is not one of its posters and whose reach
 is out of character (never posts to lists, never seen, or far past their
 habit). An anomalous post raises an alert and marks its thread.
@@ -25,8 +27,9 @@ A list is frozen:
 
 * on the first reply-all to an anomalous post (one reply-all delivered);
 * on a closed list whose norm is known (seen for ``list_warmup``), when
-  ``min_replies`` reply-alls (three) are above its norm and harmful, in the
-  velocity window or to one post within ``thread_window`` (a slow burn);
+  ``min_replies`` reply-alls (three) from different people are above its norm
+  and harmful, in the velocity window, or to one post within
+  ``thread_window`` (a slow burn);
 * on a list too young to have a norm, when ``min_replies`` different people
   reply-all to one post within the window (fan-in; a conversation, where
   someone answers twice or the first poster answers, is not a storm);
@@ -70,6 +73,8 @@ MAX_THREADS_PER_LIST = 64
 MAX_MESSAGES_PER_LIST = 256
 #: Distinct posters remembered per list.
 MAX_POSTERS_PER_LIST = 32
+#: Threads without replies assumed before any are seen, when judging whether a list is open.
+OPEN_PRIOR = 4
 #: Records more than ``max_future_skew`` ahead of the stream are rejected,
 #: unless this many agree (within ``max_future_skew`` of each other): then the
 #: stream itself has jumped, and the first of them was the only one lost.
@@ -175,7 +180,9 @@ class ListState:
         if current is not None:
             roots -= 1
             replied -= current.replies > 0
-        return replied >= 2 and replied >= config.open_reply_share * roots
+        # the share is shrunk towards "closed" by OPEN_PRIOR threads without replies, so a bulletin
+        # that drew stray replies to two of its first five posts is not taken for a discussion list
+        return replied >= 2 and replied >= config.open_reply_share * (roots + OPEN_PRIOR)
 
     def count_poster(self, sender: str) -> None:
         self.posters[sender] = self.posters.pop(sender, 0) + 1
@@ -191,6 +198,8 @@ class StormDetector:
         self.senders: OrderedDict[str, SenderFanout] = OrderedDict()
         self.lists: OrderedDict[str, ListState] = OrderedDict()
         self.events_seen = 0
+        #: The most members any list has had (a never-seen list beyond it has unprecedented reach).
+        self.largest_list = 0
         self.watermark: Optional[float] = None
         self._frozen: dict[str, ListState] = {}
         self._next_expiry = math.inf
@@ -229,11 +238,6 @@ class StormDetector:
                 # after a crash): it was counted once already; counting it
                 # again would inflate the reply velocity.
                 return []
-            if state is not None and event.message_id in state.message_threads:
-                # A redelivery (at-least-once producers, or a worker re-reading
-                # after a crash): it was counted once already; counting it
-                # again would inflate the reply velocity.
-                return []
 
         actions: list[Action] = []
         if self.watermark is None or t > self.watermark:
@@ -253,6 +257,8 @@ class StormDetector:
                                         f"{deliveries} deliveries is {fanout_z:.1f} sd past this sender's habit"))
         for address in sorted(event.lists):
             actions.extend(self._list_post(address, event.lists[address], event, sender, fanout_z, warm, trusted))
+        if event.lists:
+            self.largest_list = max(self.largest_list, max(event.lists.values()))
 
         sender.learn_one(deliveries)
         if event.lists:
@@ -293,8 +299,9 @@ class StormDetector:
             out_of_character = sender.n == 0 or sender.list_posts == 0 or fanout_z >= cfg.fanout_z
             if established:  # its habits are known: only a closed (bulletin-like) list can be surprised
                 surprising = not open_list and out_of_character
-            else:  # new to us: only a very big list we have never seen is a surprise
-                surprising = never_seen and members >= cfg.new_list_min_members
+            else:  # new to us: only a very big list, bigger than any we know, is a surprise
+                surprising = (never_seen and members >= cfg.new_list_min_members
+                              and members > self.largest_list)
             anomalous = (warm and not trusted and not regular and members >= cfg.anomalous_min_deliveries
                          and sender.max_deliveries < members and surprising)
             state.roots += 1
@@ -340,9 +347,12 @@ class StormDetector:
         fan_in = (thread is not None and not established and not open_list and not thread.conversation
                   and thread.replies >= cfg.min_replies and t - thread.root_time <= cfg.velocity_window
                   and thread.replies * members >= cfg.harm_deliveries)
-        slow = (thread is not None and closed and t - thread.root_time <= cfg.thread_window
+        slow = (thread is not None and closed and not thread.conversation
+                and t - thread.root_time <= cfg.thread_window
                 and thread.replies >= cfg.min_replies and thread.replies * members >= cfg.harm_deliveries)
-        need = cfg.min_replies if closed else max(cfg.open_min_replies, math.floor(cfg.open_factor * upper) + 1)
+        # a conversation (someone answering twice) is held to the open-list threshold even on a closed list
+        need = cfg.min_replies if closed and not thread.conversation else \
+            max(cfg.open_min_replies, math.floor(cfg.open_factor * upper) + 1)
         if not (big_enough and warm):
             pass
         elif thread is not None and thread.anomalous and t - thread.root_time <= cfg.velocity_window:

@@ -45,8 +45,9 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: list is open (a bulletin with the odd stray reply is well below it).
     open_reply_share: float = 0.4
     #: A list seen for the first time is only "anomalous" (frozen on its first
-    #: reply-all) when its first post reaches at least this many members;
-    #: smaller new lists are frozen by the fan-in rule after ``min_replies``.
+    #: reply-all) when its first post reaches at least this many members, and
+    #: more than any list seen before; other new lists are frozen by the fan-in
+    #: rule after ``min_replies``.
     new_list_min_members: int = 20_000
     #: Seconds of event time a list must have been seen before its own norm is
     #: trusted: until then it may be a discussion list whose habits are not

@@ -508,11 +508,11 @@ def _small_org(seed: int, days: float) -> Scenario:
 def _new_list(seed: int, days: float) -> Scenario:
     org = Org(domain="bigtrust.example", people=50_000, msgs_per_day=2.0, sample=0.05)
     at = epoch("2016-11-16T14:10:00Z")
-    storm = StormSpec(list_address="dyn-allusers@bigtrust.example", members=48_500, sender="it-ops@bigtrust.example",
+    storm = StormSpec(list_address="dyn-allusers@bigtrust.example", members=61_800, sender="it-ops@bigtrust.example",
                       at=at, subject="Ignore: distribution group test", root_replies=150, root_delay_min=20.0,
                       branching=0.5, reply_delay_min=8.0, duration_min=120.0, domain=org.domain, anomalous_root=True)
-    return Scenario("new-list", "a misconfigured dynamic group never seen before, holding nearly everyone, "
-                    "gets a test message from an address never seen before", seed, org, at - days * 86400,
+    return Scenario("new-list", "a misconfigured dynamic group never seen before, holding every member of staff "
+                    "and contractor (61,800), gets a test message from an address never seen before", seed, org, at - days * 86400,
                     at + 3 * 3600, storm)
 
 
