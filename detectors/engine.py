@@ -33,8 +33,9 @@ A list is frozen:
 * on a list too young to have a norm, when ``min_replies`` different people
   reply-all to one post within the window (fan-in; a conversation, where
   someone answers twice or the first poster answers, is not a storm);
-* on an open (discussion) list, only at ``open_min_replies`` and
-  ``open_factor`` times its learned norm.
+* on an open (discussion) list, or one whose habits are not known yet, only
+  at ``open_min_replies`` and ``open_factor`` times its learned norm, and
+  ``open_harm_deliveries``: a flood, not a lively afternoon.
 
 Lists too small to hurt, discussion lists whose norm is lively, and big lists
 with one or two stray replies are left alone.
@@ -74,7 +75,7 @@ MAX_MESSAGES_PER_LIST = 256
 #: Distinct posters remembered per list.
 MAX_POSTERS_PER_LIST = 32
 #: Threads without replies assumed before any are seen, when judging whether a list is open.
-OPEN_PRIOR = 4
+OPEN_PRIOR = 2
 #: Records more than ``max_future_skew`` ahead of the stream are rejected,
 #: unless this many agree (within ``max_future_skew`` of each other): then the
 #: stream itself has jumped, and the first of them was the only one lost.
@@ -360,7 +361,8 @@ class StormDetector:
             yield from self._freeze(state, event, "reply_to_anomalous_post", float(n),
                                     f"reply-all #{thread.replies} to an anomalous post reaching {members} members")
             return
-        elif n >= need and n > upper and harm >= cfg.harm_deliveries:
+        elif n >= need and n > upper and harm >= (cfg.harm_deliveries if need == cfg.min_replies
+                                                   else cfg.open_harm_deliveries):
             velocity.hold(t)
             yield from self._freeze(state, event, "reply_velocity", n / max(upper, 1.0),
                                     f"{n} reply-alls in {cfg.velocity_window / 60:.0f} min (norm <= {upper:.1f}) "

@@ -43,7 +43,11 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     open_factor: float = 2.0
     #: Share of a list's earlier threads that drew a reply-all above which the
     #: list is open (a bulletin with the odd stray reply is well below it).
-    open_reply_share: float = 0.4
+    open_reply_share: float = 0.5
+    #: Deliveries the reply-alls in the window must have caused before an open
+    #: (or not yet known) list is frozen: on lists where reply-all is normal,
+    #: only a flood matters (20 reply-alls to 1,000 members, 80 to 250).
+    open_harm_deliveries: int = 20_000
     #: A list seen for the first time is only "anomalous" (frozen on its first
     #: reply-all) when its first post reaches at least this many members, and
     #: more than any list seen before; other new lists are frozen by the fan-in
@@ -88,7 +92,7 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     def __post_init__(self) -> None:
         for name in ("warmup_events", "min_list_members", "anomalous_min_deliveries", "min_replies",
-                     "open_min_replies", "new_list_min_members", "harm_deliveries",
+                     "open_min_replies", "new_list_min_members", "harm_deliveries", "open_harm_deliveries",
                      "max_freezes_per_hour", "max_senders", "max_lists"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
