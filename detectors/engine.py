@@ -100,12 +100,14 @@ class ListStatus(msgspec.Struct, frozen=True, kw_only=True):
 class _Thread:
     """One thread on one list: was its first post anomalous, and who answered it."""
 
-    __slots__ = ("anomalous", "root_time", "replies", "poster", "repliers", "conversation")
+    __slots__ = ("anomalous", "root_time", "replies", "counted", "poster", "repliers", "conversation")
 
     def __init__(self, anomalous: bool, root_time: float, poster: str = ""):
         self.anomalous = anomalous
         self.root_time = root_time
         self.replies = 0
+        #: Replies that reached the list while it was not frozen (what the list's habits are learned from).
+        self.counted = 0
         self.poster = poster
         #: The first few distinct people who replied.
         self.repliers: set[str] = set()
@@ -126,7 +128,7 @@ class ListState:
 
     __slots__ = ("address", "members", "posts", "last_seen", "posters", "velocity", "threads",
                  "message_threads", "frozen_since", "frozen_until", "frozen_reason", "frozen_actor",
-                 "alerted_until", "roots", "replied_threads", "first_seen")
+                 "alerted_until", "roots", "thread_replies", "first_seen")
 
     def __init__(self, address: str, window: float):
         self.address = address
@@ -142,9 +144,9 @@ class ListState:
         self.frozen_reason: Optional[str] = None
         self.frozen_actor: Optional[str] = None
         self.alerted_until = -math.inf
-        #: Threads started here, and how many of them drew at least one reply-all.
+        #: Threads started here, and the reply-alls they drew while the list was not frozen.
         self.roots = 0
-        self.replied_threads = 0
+        self.thread_replies = 0
         self.first_seen = math.inf
 
     @property
@@ -171,19 +173,19 @@ class ListState:
         return event.thread
 
     def is_open(self, config: PolicyConfig, upper: float, current: Optional["_Thread"] = None) -> bool:
-        """A discussion list: most earlier threads drew replies, or lively replies are its norm.
+        """A discussion list: its threads run to several replies, or lively replies are its norm.
 
         The current thread is left out, so a storm cannot make its own list look open.
         """
         if upper >= config.discussion_norm:
             return True
-        roots, replied = self.roots, self.replied_threads
+        roots, replies = self.roots, self.thread_replies
         if current is not None:
             roots -= 1
-            replied -= current.replies > 0
-        # the share is shrunk towards "closed" by OPEN_PRIOR threads without replies, so a bulletin
-        # that drew stray replies to two of its first five posts is not taken for a discussion list
-        return replied >= 2 and replied >= config.open_reply_share * (roots + OPEN_PRIOR)
+            replies -= current.counted
+        # shrunk towards "closed" by OPEN_PRIOR threads without replies: two short exchanges do not
+        # make a bulletin a discussion list
+        return roots >= 2 and replies >= config.open_replies_per_thread * (roots + OPEN_PRIOR)
 
     def count_poster(self, sender: str) -> None:
         self.posters[sender] = self.posters.pop(sender, 0) + 1
@@ -330,8 +332,9 @@ class StormDetector:
             if len(state.threads) > MAX_THREADS_PER_LIST:
                 state.threads.popitem(last=False)
         thread.add_reply(event.sender)
-        if thread.replies == 1:
-            state.replied_threads += 1
+        if not state.frozen:
+            thread.counted += 1
+            state.thread_replies += 1
         open_list = state.is_open(cfg, upper, thread)
         if state.frozen:
             velocity.hold(t)

@@ -41,9 +41,10 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: On open lists the reply-alls must also exceed their learned norm this
     #: many times over (a busy afternoon on a discussion list is not a storm).
     open_factor: float = 2.0
-    #: Share of a list's earlier threads that drew a reply-all above which the
-    #: list is open (a bulletin with the odd stray reply is well below it).
-    open_reply_share: float = 0.5
+    #: Reply-alls per earlier thread (on average) from which a list is open: a
+    #: discussion list's threads run to several replies; a bulletin's draw
+    #: none, or one or two stray ones.
+    open_replies_per_thread: float = 2.0
     #: Deliveries the reply-alls in the window must have caused before an open
     #: (or not yet known) list is frozen: on lists where reply-all is normal,
     #: only a flood matters (20 reply-alls to 1,000 members, 80 to 250).
@@ -102,8 +103,8 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 raise ValueError(f"{name} must be > 0 seconds")
         if self.open_factor < 1.0:
             raise ValueError("open_factor must be >= 1")
-        if not 0.0 <= self.open_reply_share <= 1.0:
-            raise ValueError("open_reply_share must be within 0..1")
+        if not self.open_replies_per_thread > 0:
+            raise ValueError("open_replies_per_thread must be > 0")
         if self.min_replies < 1:
             raise ValueError("min_replies must be >= 1")
 
