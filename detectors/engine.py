@@ -27,8 +27,8 @@ A list is frozen:
 
 * on the first reply-all to an anomalous post (one reply-all delivered);
 * on a closed list whose norm is known (seen for ``list_warmup``), when
-  ``min_replies`` reply-alls (three) from different people are above its norm
-  and harmful, in the velocity window, or to one post within
+  ``min_replies`` reply-alls (three) from different people to one post are
+  above its norm and harmful, in the velocity window, or within
   ``thread_window`` (a slow burn);
 * on a list too young to have a norm, when ``min_replies`` different people
   reply-all to one post within the window (fan-in; a conversation, where
@@ -354,8 +354,9 @@ class StormDetector:
         slow = (thread is not None and closed and not thread.conversation
                 and t - thread.root_time <= cfg.thread_window
                 and thread.replies >= cfg.min_replies and thread.replies * members >= cfg.harm_deliveries)
-        # a conversation (someone answering twice) is held to the open-list threshold even on a closed list
-        need = cfg.min_replies if closed and not thread.conversation else \
+        # a conversation (someone answering twice) is held to the open-list threshold even on a closed list,
+        # ... and so are reply-alls spread over several threads: a storm is one post answered by many
+        need = cfg.min_replies if closed and not thread.conversation and thread.replies >= cfg.min_replies else \
             max(cfg.open_min_replies, math.floor(cfg.open_factor * upper) + 1)
         if not (big_enough and warm):
             pass

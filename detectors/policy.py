@@ -44,7 +44,7 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: Reply-alls per earlier thread (on average) from which a list is open: a
     #: discussion list's threads run to several replies; a bulletin's draw
     #: none, or one or two stray ones.
-    open_replies_per_thread: float = 2.0
+    open_replies_per_thread: float = 1.5
     #: Deliveries the reply-alls in the window must have caused before an open
     #: (or not yet known) list is frozen: on lists where reply-all is normal,
     #: only a flood matters (20 reply-alls to 1,000 members, 80 to 250).
