@@ -31,7 +31,7 @@ A list is frozen:
   above its norm and harmful, in the velocity window, or within
   ``thread_window`` (a slow burn);
 * on a list too young to have a norm, when ``min_replies`` different people
-  reply-all to one post within the window (fan-in; a conversation, where
+  reply-all to one post within ``thread_window`` (fan-in; a conversation, where
   someone answers twice or the first poster answers, is not a storm);
 * on an open (discussion) list, or one whose habits are not known yet, only
   at ``open_min_replies`` and ``open_factor`` times its learned norm, and
@@ -349,7 +349,7 @@ class StormDetector:
         # A young list (habits not learned yet) that is not known to be open: a fan-in of distinct
         # people answering one post is a storm; a conversation is not.
         fan_in = (thread is not None and not established and not open_list and not thread.conversation
-                  and thread.replies >= cfg.min_replies and t - thread.root_time <= cfg.velocity_window
+                  and thread.replies >= cfg.min_replies and t - thread.root_time <= cfg.thread_window
                   and thread.replies * members >= cfg.harm_deliveries)
         slow = (thread is not None and closed and not thread.conversation
                 and t - thread.root_time <= cfg.thread_window
