@@ -79,7 +79,7 @@ def invalid_records(draw) -> bytes:
     return json.dumps(ev, allow_nan=True).encode()
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(invalid_records())
 def test_mutated_events_always_raise_invalid_event_with_a_reason(raw):
     try:
@@ -90,7 +90,7 @@ def test_mutated_events_always_raise_invalid_event_with_a_reason(raw):
         raise AssertionError(f"accepted an invalid record: {raw[:300]!r}")
 
 
-@settings(max_examples=400)
+@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_raise_anything_but_invalid_event(raw):
     try:
@@ -99,7 +99,7 @@ def test_arbitrary_bytes_never_raise_anything_but_invalid_event(raw):
         assert str(exc)
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(valid_events(), st.integers(min_value=1, max_value=40), st.binary(min_size=1, max_size=3))
 def test_truncated_or_corrupted_records_raise_invalid_event(ev, cut, junk):
     raw = json.dumps(ev).encode()
