@@ -34,9 +34,9 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: Reply-alls within ``velocity_window`` needed before the velocity rule
     #: can freeze a list whose first post was ordinary (Exchange waits for 10).
     min_replies: int = 3
-    #: The same, for *open* lists (discussion lists: most of their threads get
-    #: replies, or lively reply traffic is their norm). Reply-all is normal on
-    #: them, so it takes more than a few to call it a storm.
+    #: The same, for *open* lists (discussion lists: their threads run to
+    #: several replies, or lively reply traffic is their norm) and lists whose
+    #: habits are not known yet. Reply-all is normal on them, so it takes a flood.
     open_min_replies: int = 20
     #: On open lists the reply-alls must also exceed their learned norm this
     #: many times over (a busy afternoon on a discussion list is not a storm).
