@@ -65,6 +65,10 @@ RATIOS: dict[str, tuple[str, str]] = {
     "offline_vs_worker": ("throughput.offline_score.events_per_s", "throughput.worker.events_per_s"),
     "offline_cli_vs_in_process": ("throughput.offline_score_cli.events_per_s",
                                   "throughput.offline_score.events_per_s"),
+    # The same comparisons per CPU-second the consumers burnt: steadier on a shared machine.
+    "worker_vs_noop_per_cpu": ("throughput.worker.events_per_cpu_s", "throughput.faust_noop.events_per_cpu_s"),
+    "two_workers_vs_one_per_cpu": ("throughput.two_workers.events_per_cpu_s",
+                                   "throughput.worker.events_per_cpu_s"),
 }
 
 
@@ -216,6 +220,15 @@ def noop_count(url: str) -> int:
     return int(json.loads(body)["count"])
 
 
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds a process has used so far (Linux /proc), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (``q`` in 0..100) of a non-empty list."""
     xs = sorted(values)
@@ -358,12 +371,14 @@ class Bench:
             await consumer.seek_to_beginning(*tps)
             n = 0
             first = None
+            cpu = None
             with tqdm(total=total, unit="ev", desc="1/4 bare aiokafka", disable=not self.progress,
                       file=sys.stderr) as bar:
                 while n < total:
                     batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
                     if first is None and batches:
                         first = time.perf_counter()
+                        cpu = time.process_time()
                     got = 0
                     for records in batches.values():
                         for record in records:
@@ -372,9 +387,11 @@ class Bench:
                     n += got
                     bar.update(got)
             seconds = time.perf_counter() - first
+            cpu = time.process_time() - cpu
         finally:
             await consumer.stop()
-        return {"events": n, "seconds": seconds, "events_per_s": n / seconds, "decoder": "msgspec.json.decode",
+        return {"events": n, "seconds": seconds, "events_per_s": n / seconds, "cpu_s": cpu,
+                "events_per_cpu_s": n / cpu if cpu > 0 else float("nan"), "decoder": "msgspec.json.decode",
                 "partitions": len(tps)}
 
     def drain(self, procs: list[Proc], count: Callable[[str], int], total: int, desc: str,
@@ -404,6 +421,7 @@ class Bench:
                     shown = min(n, total)
                 if t0 is None and n > 0:
                     t0, c0 = now, n
+                    cpu0 = [cpu_seconds(p.proc.pid) for p in procs]
                 if n >= total:
                     break
                 prev_t, prev_n = now, n
@@ -414,6 +432,7 @@ class Bench:
                     raise RuntimeError(f"{desc}: {n}/{total} after {timeout:.0f} s:\n{procs[0].tail()}")
                 time.sleep(interval)
         end = now
+        cpu1 = [cpu_seconds(p.proc.pid) for p in procs]
         if prev_t is not None and prev_t >= t0 and n > prev_n:
             end = prev_t + (now - prev_t) * (total - prev_n) / (n - prev_n)
         if t0 is None or end <= t0 or total - c0 <= 0:
@@ -427,9 +446,14 @@ class Bench:
                 final.append(count(p.url))
             except (OSError, ValueError):
                 final.append(0)
-        return {"events": total, "seconds": end - t0, "events_per_s": (total - c0) / (end - t0),
-                "timed_events": total - c0, "poll_interval_s": interval, "per_process": final,
-                "duplicates": max(0, sum(final) - total)}
+        out = {"events": total, "seconds": end - t0, "events_per_s": (total - c0) / (end - t0),
+               "timed_events": total - c0, "poll_interval_s": interval, "per_process": final,
+               "duplicates": max(0, sum(final) - total)}
+        if None not in cpu0 and None not in cpu1 and sum(cpu1) > sum(cpu0):
+            # CPU seconds the consumer processes burnt over the timed span: less sensitive to a shared machine.
+            out["cpu_s"] = sum(cpu1) - sum(cpu0)
+            out["events_per_cpu_s"] = (total - c0) / out["cpu_s"]
+        return out
 
     def run_noop(self, broker: EmbeddedBroker, total: int) -> dict:
         p = self.noop(broker).start()
@@ -467,25 +491,32 @@ class Bench:
 
         detector = StormDetector(policy_from_env({}))
         actions = invalid = 0
+        cpu = time.process_time()
         started = time.perf_counter()
         for raw in records:
             outcome = process_raw(detector, raw)
             actions += len(outcome.actions)
             invalid += outcome.error is not None
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         in_process = {"events": len(records), "seconds": seconds, "events_per_s": len(records) / seconds,
-                      "actions": actions, "invalid": invalid}
+                      "cpu_s": cpu, "events_per_cpu_s": len(records) / cpu, "actions": actions, "invalid": invalid}
 
         path = self.tmp / "events.jsonl"
         path.write_bytes(b"\n".join(records) + b"\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STORMGUARD_")}
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run([PY, "-m", "stream_jobs.cli", "score", str(path)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
         seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cli_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         cli_actions = sum(1 for line in done.stdout.splitlines() if line.strip())
         cli = {"events": len(records), "seconds": seconds, "events_per_s": len(records) / seconds,
-               "actions": cli_actions, "includes": "interpreter start-up, file read, action lines written"}
+               "cpu_s": cli_cpu, "events_per_cpu_s": len(records) / cli_cpu, "actions": cli_actions, "includes": "interpreter start-up, file read, action lines written"}
         return in_process, cli
 
     def startup(self, broker: EmbeddedBroker, samples: int, **extra: str) -> tuple[dict, "Proc"]:
@@ -694,13 +725,20 @@ class Bench:
             if time.monotonic() > deadline or worker.proc.poll() is not None:
                 raise RuntimeError(f"the latency worker did not read its history:\n{worker.tail()}")
             time.sleep(0.2)
+        # Light load first (queueing aside: what the pipeline itself costs), then the load asked for.
+        results["latency_light"] = self.latency(live, worker, a.latency_seconds / 2, a.light_rate, a.storm_every)
         results["latency"] = self.latency(live, worker, a.latency_seconds, a.rate, a.storm_every)
-        results["latency"].update(policy_overrides={"max_freezes_per_hour": 1_000_000},
-                                  history_events=len(history), history_hours=26)
+        for key in ("latency_light", "latency"):
+            results[key].update(policy_overrides={"max_freezes_per_hour": 1_000_000},
+                                history_events=len(history), history_hours=26)
         worker.stop()
 
-        results["ratios"] = {name: {"value": lookup(results, num) / lookup(results, den), "of": num, "over": den}
-                             for name, (num, den) in RATIOS.items()}
+        results["ratios"] = {}
+        for name, (num, den) in RATIOS.items():
+            try:
+                results["ratios"][name] = {"value": lookup(results, num) / lookup(results, den), "of": num, "over": den}
+            except KeyError:  # a per-CPU figure this platform could not measure
+                pass
         results["machine"]["load_avg_end"] = list(os.getloadavg())
         results["duration_s"] = time.perf_counter() - wall
         return results
@@ -801,15 +839,20 @@ def table(r: dict) -> str:
     out = [f"Stormguard bench — {r['events']['count']:,} events ({r['events']['mean_bytes']:.0f} B mean), "
            f"{r['events']['partitions']} partitions; {m['cpus']} × {m['cpu_model']}, Python {m['python']}",
            f"(shared machine: load {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end)",
-           "", f"{'consumer':38} {'events/s':>10} {'seconds':>8}"]
+           "", f"{'consumer':38} {'events/s':>10} {'seconds':>8} {'events/CPU-s':>13}"]
     for name, row in rows:
-        out.append(f"{name:38} {row['events_per_s']:>10,.0f} {row['seconds']:>8.2f}")
+        per_cpu = f"{row['events_per_cpu_s']:>13,.0f}" if "events_per_cpu_s" in row else f"{'-':>13}"
+        out.append(f"{name:38} {row['events_per_s']:>10,.0f} {row['seconds']:>8.2f} {per_cpu}")
     out.append("")
     out.append(f"{'ratio':38} {'value':>10}")
     for name, ratio in r["ratios"].items():
         out.append(f"{name:38} {ratio['value']:>10.3f}")
     lat, st, mem = r["latency"], r["startup"], r["memory"]
+    light = r["latency_light"]
     out += ["",
+            f"produce→freeze under {light['produced_eps']:,.0f} ev/s background: p50 {light['p50_ms']:.0f} ms, "
+            f"p99 {light['p99_ms']:.0f} ms, max {light['max_ms']:.0f} ms ({light['frozen']}/{light['storms']} storms "
+            f"frozen; backlog when production stopped {light['backlog_when_production_stopped']:,} events)",
             f"produce→freeze under {lat['produced_eps']:,.0f} ev/s background: p50 {lat['p50_ms']:.0f} ms, "
             f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms frozen; "
             f"frozen on reply-all #: {lat['frozen_on_reply']}; backlog when production stopped "
@@ -828,6 +871,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, help="events in the pre-filled topic (default 100,000; quick 20,000)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of mail.events (default 4)")
     p.add_argument("--rate", type=float, default=2000.0, help="background events/s in the latency phase")
+    p.add_argument("--light-rate", type=float, default=300.0,
+                   help="background events/s of the light-load latency run (default 300)")
     p.add_argument("--latency-seconds", type=float, help="length of the latency phase (default 45; quick 12)")
     p.add_argument("--storm-every", type=float, default=0.75, help="seconds between injected storms")
     p.add_argument("--startup-samples", type=int, help="worker start-ups to time (default 5; quick 2)")
