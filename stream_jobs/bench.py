@@ -896,8 +896,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench = Bench(args)
     try:
         results = bench.run()
-    finally:
+    except BaseException:
         bench.close()
+        say(f"bench: failed; logs of the broker and the workers are in {bench.tmp}")
+        raise
+    bench.close()
+    import shutil
+
+    shutil.rmtree(bench.tmp, ignore_errors=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"\nfigures written to {args.out}")
