@@ -258,14 +258,13 @@ class StormDetector:
                 and fanout_z >= cfg.fanout_z:
             actions.append(self._action("alert", None, event, "fanout", fanout_z,
                                         f"{deliveries} deliveries is {fanout_z:.1f} sd past this sender's habit"))
-        for address in sorted(event.lists):
-            actions.extend(self._list_post(address, event.lists[address], event, sender, fanout_z, warm, trusted))
         if event.lists:
+            for address in sorted(event.lists):
+                actions.extend(self._list_post(address, event.lists[address], event, sender, fanout_z, warm,
+                                               trusted))
             self.largest_list = max(self.largest_list, max(event.lists.values()))
-
-        sender.learn_one(deliveries)
-        if event.lists:
             sender.list_posts += 1
+        sender.learn_one(deliveries)
         self.events_seen += 1
         return actions
 

@@ -64,6 +64,8 @@ class MailEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=False, cache_
     def event_time(self) -> float:
         """Epoch seconds, whichever form the producer used."""
         ts = self.timestamp
+        if type(ts) is float:  # the common case, first: this runs for every event
+            return ts
         return ts.timestamp() if isinstance(ts, _dt.datetime) else float(ts)
 
     @property
@@ -71,6 +73,8 @@ class MailEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=False, cache_
         """Mailboxes this message lands in after list expansion."""
         if self.delivered_count is not None:
             return self.delivered_count
+        if not self.lists:  # most mail: person to person
+            return len(self.recipients)
         direct = len(self.recipients) - sum(1 for r in self.recipients if r in self.lists)
         return direct + sum(self.lists.values())
 

@@ -203,7 +203,8 @@ def _save_models(dirty: dict) -> None:
             _current_event.set(weakref.ref(event))
             list_models[address] = base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode()
     if dirty:
-        list_models[_META_KEY] = {"events_seen": detector.events_seen, "watermark": detector.watermark}
+        list_models[_META_KEY] = {"events_seen": detector.events_seen, "watermark": detector.watermark,
+                                  "largest_list": detector.largest_list}
 
 
 def _restore_state() -> None:
@@ -215,6 +216,7 @@ def _restore_state() -> None:
         if address == _META_KEY:
             meta = blob
             detector.events_seen = max(detector.events_seen, meta["events_seen"])
+            detector.largest_list = max(detector.largest_list, meta.get("largest_list", 0))
             if meta["watermark"] is not None and (detector.watermark is None or meta["watermark"] > detector.watermark):
                 detector.watermark = meta["watermark"]
         elif address not in detector.lists:
