@@ -81,8 +81,10 @@ async def healthz(web, request):
 def main() -> int:
     from faust.worker import Worker
 
-    Worker(app, loglevel=os.environ.get("STORMGUARD_LOG_LEVEL", "warn").lower(), quiet=True,
-           redirect_stdouts=False).execute_from_commandline()
+    worker = Worker(app, loglevel=os.environ.get("STORMGUARD_LOG_LEVEL", "warn").lower(), quiet=True,
+                    redirect_stdouts=False)
+    worker.spinner = None  # as the real worker (stream_jobs/serve.py): like is compared with like
+    worker.execute_from_commandline()
     return 0
 
 
