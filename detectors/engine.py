@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import msgspec
 
@@ -515,10 +515,3 @@ def process_raw(detector: StormDetector, raw: bytes) -> Outcome:
         return Outcome(detector.process(event), None, event)
     except InvalidEvent as exc:
         return Outcome([], str(exc) or exc.__class__.__name__)
-
-
-def score_stream(records: Iterable[bytes], config: PolicyConfig | None = None) -> Iterator[Outcome]:
-    """Score raw records in order with a fresh detector: the offline decision path."""
-    detector = StormDetector(config)
-    for raw in records:
-        yield process_raw(detector, raw)

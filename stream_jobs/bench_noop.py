@@ -21,27 +21,15 @@ from typing import Any
 
 import faust
 
+from stream_jobs.faust_tuning import shorten_fetch_long_poll
+
 from stream_jobs.settings import EVENTS_TOPIC, WorkerSettings
 
 settings = WorkerSettings.from_env()
 MODE = os.environ.get("STORMGUARD_BENCH_NOOP_MODE", "events")
 
-app = faust.App(
-    settings.app_id,
-    broker=settings.broker or "kafka://127.0.0.1:9092",
-    store="memory://",
-    datadir=settings.data_dir,
-    web_port=settings.web_port,
-    web_bind=settings.web_host,
-    web_enabled=True,
-    topic_partitions=settings.partitions,
-    consumer_auto_offset_reset="earliest",
-    broker_session_timeout=settings.session_timeout,
-    broker_heartbeat_interval=settings.heartbeat_interval,
-    broker_rebalance_timeout=settings.session_timeout,
-    broker_request_timeout=max(30.0, settings.session_timeout * 2),
-    producer_linger_ms=0,
-)
+shorten_fetch_long_poll(settings.fetch_max_wait_ms)
+app = faust.App(settings.app_id, **settings.faust_app_options())  # configured as the worker is
 
 _raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, **_raw)

@@ -79,17 +79,18 @@ def read_records(fh: BinaryIO) -> Iterator[bytes]:
 def _score(args) -> int:
     import msgspec
 
-    from detectors.engine import score_stream
+    from detectors.engine import StormDetector, process_raw
     from detectors.policy import encode_action
     from stream_jobs.settings import policy_from_env
 
-    policy = policy_from_env()
+    detector = StormDetector(policy_from_env())
     out = sys.stdout.buffer
     dead = open(args.dead_letters, "wb") if args.dead_letters else None
     n = bad = 0
     try:
         with open_lines(args.file) as fh:
-            for lineno, (raw, outcome) in enumerate(_with_raw(read_records(fh), policy), start=1):
+            for lineno, raw in enumerate(read_records(fh), start=1):
+                outcome = process_raw(detector, raw)
                 n += 1
                 if outcome.error is not None:
                     bad += 1
@@ -108,14 +109,6 @@ def _score(args) -> int:
         out.flush()
     print(f"stormguard score: {n} records, {bad} dead-lettered", file=sys.stderr)
     return 0
-
-
-def _with_raw(records: Iterator[bytes], policy):
-    from detectors.engine import StormDetector, process_raw
-
-    detector = StormDetector(policy)
-    for raw in records:
-        yield raw, process_raw(detector, raw)
 
 
 def _replay(args) -> int:

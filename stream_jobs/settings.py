@@ -95,6 +95,28 @@ class WorkerSettings:
     ssl_certfile: Optional[str] = None
     ssl_keyfile: Optional[str] = None
 
+    def faust_app_options(self) -> dict:
+        """Keyword arguments of ``faust.App`` shared by the worker and the bench's no-op agent."""
+        return dict(
+            broker=self.broker or "kafka://127.0.0.1:9092",
+            store="memory://",
+            datadir=self.data_dir,
+            web_port=self.web_port,
+            web_bind=self.web_host,
+            web_enabled=True,
+            topic_partitions=self.partitions,
+            consumer_auto_offset_reset="earliest",
+            # The defaults (session 60 s, rebalance 60 s) make a worker wait ~30 s to
+            # join its group; these make it ready in a few seconds, and let a
+            # surviving worker take over a dead one's partitions just as fast.
+            broker_session_timeout=self.session_timeout,
+            broker_heartbeat_interval=self.heartbeat_interval,
+            broker_rebalance_timeout=self.session_timeout,
+            broker_request_timeout=max(30.0, self.session_timeout * 2),
+            producer_linger_ms=0,
+            **self.kafka_client_options(),
+        )
+
     def kafka_client_options(self) -> dict:
         """TLS and SASL for production brokers, passed through to Faust (and so to aiokafka)."""
         import ssl

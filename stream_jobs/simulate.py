@@ -47,7 +47,6 @@ import hashlib
 import heapq
 import math
 import sys
-import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Optional, Protocol
 

@@ -24,12 +24,12 @@ from typing import Any, Optional
 import faust
 import msgspec
 from faust.streams import _current_event  # faust-streaming 0.15 (pinned): the record a table write belongs to
-from faust.transport.drivers import aiokafka as _faust_aiokafka
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from detectors.engine import ListStatus, StormDetector, process_raw
 from detectors.policy import Action, encode_action
 from stream_jobs import metrics
+from stream_jobs.faust_tuning import shorten_fetch_long_poll
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
                                   WorkerSettings, secret)
 
@@ -38,38 +38,9 @@ log = logging.getLogger("stormguard.worker")
 settings = WorkerSettings.from_env()
 
 
-def _create_worker_consumer(self, transport):
-    # Faust hard-codes a 1.5 s fetch long-poll; a broker that does not answer a
-    # long poll early when data arrives (Tansu) then delays every freeze by up
-    # to that. A short long-poll costs a few idle fetches a second.
-    consumer = _original_create_worker_consumer(self, transport)
-    consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms
-    return consumer
+shorten_fetch_long_poll(settings.fetch_max_wait_ms)
 
-
-_original_create_worker_consumer = _faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
-_faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
-
-app = faust.App(
-    settings.app_id,
-    broker=settings.broker or "kafka://127.0.0.1:9092",
-    store="memory://",
-    datadir=settings.data_dir,
-    web_port=settings.web_port,
-    web_bind=settings.web_host,
-    web_enabled=True,
-    topic_partitions=settings.partitions,
-    consumer_auto_offset_reset="earliest",
-    # The defaults (session 60 s, rebalance 60 s) make a worker wait ~30 s to
-    # join its group; these make it ready in a few seconds, and let a
-    # surviving worker take over a dead one's partitions just as fast.
-    broker_session_timeout=settings.session_timeout,
-    broker_heartbeat_interval=settings.heartbeat_interval,
-    broker_rebalance_timeout=settings.session_timeout,
-    broker_request_timeout=max(30.0, settings.session_timeout * 2),
-    producer_linger_ms=0,
-    **settings.kafka_client_options(),
-)
+app = faust.App(settings.app_id, **settings.faust_app_options())
 
 _raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, **_raw)

@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 STORMGUARD = [sys.executable, "-m", "stream_jobs.cli"]
 
 
+def wait_for(predicate, timeout: float = 45.0, what: str = "the condition", interval: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy; that value is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def http_json(url: str, method: str = "GET", body: Optional[dict] = None, token: Optional[str] = None,
               timeout: float = 5.0) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None

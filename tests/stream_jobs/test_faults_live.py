@@ -11,20 +11,10 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, STORMGUARD, produce_lines, read_topic
+from tests.conftest import ROOT, STORMGUARD, produce_lines, read_topic, wait_for
 from tests.scenarios import T0, background, bulletin_storm, lines
 
 pytestmark = pytest.mark.live
-
-
-def wait_for(predicate, timeout=45.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def metric(worker, name: str) -> float:

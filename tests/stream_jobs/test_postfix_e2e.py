@@ -21,14 +21,13 @@ import smtplib
 import socket
 import subprocess
 import tempfile
-import time
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from stream_jobs.broker import free_port
-from tests.conftest import ROOT, STORMGUARD, read_topic
+from tests.conftest import ROOT, STORMGUARD, read_topic, wait_for
 
 pytestmark = pytest.mark.live
 
@@ -123,7 +122,7 @@ smtpd_recipient_restrictions = $stormguard_policy, permit_mynetworks, reject_una
         result = self.postfix("start", check=False)
         if result.returncode != 0:
             raise AssertionError(f"postfix start failed: {result.stdout}{result.stderr}\n{self.log()}")
-        _wait(lambda: _port_open(self.port), 30, f"Postfix smtpd on 127.0.0.1:{self.port}")
+        wait_for(lambda: _port_open(self.port), 30, f"Postfix smtpd on 127.0.0.1:{self.port}")
         return self
 
     def stop(self) -> None:
@@ -161,16 +160,6 @@ def _port_open(port: int) -> bool:
         return True
     except OSError:
         return False
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _policy_answer(port: int, recipient: str) -> str:
@@ -224,14 +213,14 @@ def test_postfix_events_in_freeze_out_mail_to_the_frozen_list_is_held(broker, st
         policy = _Child(["-v", "policy", "--listen", f"127.0.0.1:{policy_port}", "--broker", broker.url],
                         tmp_path / "policy.log")
         children.append(policy)
-        _wait(lambda: _port_open(policy_port) or not policy.alive(), 30, "the policy server")
+        wait_for(lambda: _port_open(policy_port) or not policy.alive(), 30, "the policy server")
         assert policy.alive(), policy.log()
         # a second policy server, reading the worker's HTTP API instead of the topic (not wired to Postfix)
         api_port = free_port()
         api_policy = _Child(["policy", "--listen", f"127.0.0.1:{api_port}", "--worker-url", worker.url,
                              "--action", "defer", "--cache-ttl", "0.5"], tmp_path / "policy-api.log")
         children.append(api_policy)
-        _wait(lambda: _port_open(api_port) or not api_policy.alive(), 30, "the worker-API policy server")
+        wait_for(lambda: _port_open(api_port) or not api_policy.alive(), 30, "the worker-API policy server")
         assert api_policy.alive(), api_policy.log()
 
         mta.start()
@@ -246,7 +235,7 @@ def test_postfix_events_in_freeze_out_mail_to_the_frozen_list_is_held(broker, st
         # 1. ordinary mail and a first post to the big list: events arrive through the log
         mta.send("dave@example.test", ["x@members.example.test"], "lunch?", "<flow1@example.test>")
         mta.send("alice@example.test", [LIST], "Test message", "<root@example.test>")
-        seen = _wait(lambda: (ev := events()) and {"<flow1@example.test>", "<root@example.test>"} <= set(ev) and ev,
+        seen = wait_for(lambda: (ev := events()) and {"<flow1@example.test>", "<root@example.test>"} <= set(ev) and ev,
                      60, f"the first events on mail.events\n{ingest.log()}")
         root = seen["<root@example.test>"]
         assert root["sender"] == "alice@example.test" and root["recipients"] == [LIST]
@@ -258,16 +247,16 @@ def test_postfix_events_in_freeze_out_mail_to_the_frozen_list_is_held(broker, st
         # 2. the storm: a reply-all to that anomalous post; the worker freezes the list
         mta.send("bob@example.test", [LIST], "RE: Test message", "<reply1@example.test>",
                  in_reply_to="<root@example.test>")
-        status = _wait(lambda: (s := worker.get(f"/api/lists/{LIST}"))["frozen"] and s, 60,
+        status = wait_for(lambda: (s := worker.get(f"/api/lists/{LIST}"))["frozen"] and s, 60,
                        f"the worker to freeze {LIST}\n{ingest.log()}\n{worker.log()}")
         assert "anomalous" in status["reason"]
         reply1 = events()["<reply1@example.test>"]
         assert reply1["in_reply_to"] == "<root@example.test>" and reply1["lists"] == {LIST: MEMBERS}
 
         # 3. the freeze reaches the policy server through stormguard.list-state
-        _wait(lambda: _policy_answer(policy_port, LIST).startswith("action=HOLD "), 30,
+        wait_for(lambda: _policy_answer(policy_port, LIST).startswith("action=HOLD "), 30,
               f"the policy server to see the freeze\n{policy.log()}")
-        _wait(lambda: _policy_answer(api_port, LIST).startswith("action=DEFER 4."), 30,
+        wait_for(lambda: _policy_answer(api_port, LIST).startswith("action=DEFER 4."), 30,
               f"the worker-API policy server to see the freeze\n{api_policy.log()}")
         assert _policy_answer(api_port, "x@members.example.test") == "action=DUNNO\n\n"
 
@@ -275,14 +264,14 @@ def test_postfix_events_in_freeze_out_mail_to_the_frozen_list_is_held(broker, st
         mta.send("carol@example.test", [LIST], "RE: Test message", "<reply2@example.test>",
                  in_reply_to="<root@example.test>")
         mta.send("erin@example.test", ["y@members.example.test"], "minutes", "<flow2@example.test>")
-        held = _wait(lambda: [m for m in mta.queue() if m["queue_name"] == "hold"], 30,
+        held = wait_for(lambda: [m for m in mta.queue() if m["queue_name"] == "hold"], 30,
                      f"a message in the hold queue\n{mta.log()[-3000:]}")
         assert len(held) == 1, held
         assert held[0]["sender"] == "carol@example.test"
         assert len(held[0]["recipients"]) == MEMBERS  # expanded, and not one of them delivered
-        _wait(lambda: "to=<y@members.example.test>, relay=none" in mta.log() and "status=sent" in mta.log(), 30,
+        wait_for(lambda: "to=<y@members.example.test>, relay=none" in mta.log() and "status=sent" in mta.log(), 30,
               "the delivery of mail to a non-list address")
-        flow2 = _wait(lambda: events().get("<flow2@example.test>"), 30, "the event of mail that still flows")
+        flow2 = wait_for(lambda: events().get("<flow2@example.test>"), 30, "the event of mail that still flows")
         assert flow2["recipients"] == ["y@members.example.test"]
         assert not [m for m in mta.queue() if m["queue_name"] != "hold"]  # nothing stuck, nothing deferred
         assert "<reply2@example.test>" not in events()  # held mail is not a delivery

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT, STORMGUARD, http_json, produce_lines, read_topic
+from tests.conftest import ROOT, STORMGUARD, http_json, produce_lines, read_topic, wait_for
 from tests.scenarios import BAD_RECORDS, T0, background, bulletin_storm, lines, nhsmail_storm
 
 pytestmark = pytest.mark.live
-
-
-def _wait_for(predicate, timeout=30.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def _actions(broker) -> list[dict]:
@@ -36,15 +25,15 @@ def test_storm_is_frozen_live_and_bad_records_are_dead_lettered(broker, start_wo
     events = background() + nhsmail_storm(T0 + 3000)
     produce_lines(broker.bootstrap, lines(events) + BAD_RECORDS)
 
-    status = _wait_for(lambda: (s := worker.get("/api/lists/all@nhs.net"))["frozen"] and s)
+    status = wait_for(lambda: (s := worker.get("/api/lists/all@nhs.net"))["frozen"] and s)
     assert status["list"] == "all@nhs.net" and status["since"] == T0 + 3000 + 40
     assert "anomalous" in status["reason"]
 
-    freezes = _wait_for(lambda: [a for a in _actions(broker) if a["kind"] == "freeze"])
+    freezes = wait_for(lambda: [a for a in _actions(broker) if a["kind"] == "freeze"])
     assert len(freezes) == 1, freezes  # idempotent: later replies do not freeze again
     assert freezes[0]["message_id"] == "reply0" and freezes[0]["list"] == "all@nhs.net"
 
-    dlq = _wait_for(lambda: (r := read_topic(broker.bootstrap, "mail.events.dlq")) and len(r) >= len(BAD_RECORDS) and r)
+    dlq = wait_for(lambda: (r := read_topic(broker.bootstrap, "mail.events.dlq")) and len(r) >= len(BAD_RECORDS) and r)
     envelopes = [json.loads(r.value) for r in dlq]
     assert len(envelopes) == len(BAD_RECORDS)
     import base64
@@ -82,9 +71,9 @@ def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path
     offline_actions = [json.loads(l) for l in offline.stdout.splitlines()]
     assert [a["kind"] for a in offline_actions].count("freeze") == 2, offline_actions
 
-    worker = start_worker(broker.url)
+    start_worker(broker.url)
     produce_lines(broker.bootstrap, lines(events))
-    live_actions = _wait_for(lambda: (a := _actions(broker)) and len(a) >= len(offline_actions) and a)
+    live_actions = wait_for(lambda: (a := _actions(broker)) and len(a) >= len(offline_actions) and a)
     key = lambda a: (a["kind"], a["list"], a["message_id"], a["detector"], a["score"], a["action_id"])
     assert [key(a) for a in live_actions] == [key(a) for a in offline_actions]
 
@@ -92,7 +81,7 @@ def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path
 def test_restart_keeps_every_freeze(broker, start_worker):
     worker = start_worker(broker.url)
     produce_lines(broker.bootstrap, lines(background() + nhsmail_storm(T0 + 3000, replies=2)))
-    _wait_for(lambda: worker.get("/api/lists/all@nhs.net")["frozen"])
+    wait_for(lambda: worker.get("/api/lists/all@nhs.net")["frozen"])
     time.sleep(3.5)  # past Faust's commit interval, so the changelog is written
     worker.kill()
 
@@ -124,7 +113,7 @@ def test_admin_api_needs_a_token_and_records_who_and_why(broker, start_worker):
     code, body = http_json(worker.url + "/api/lists/ops@nhs.net/unfreeze", "POST", {"actor": "bob"},
                            token="s3cret-token")
     assert code == 200 and body["status"]["frozen"] is False
-    published = _wait_for(lambda: (a := _actions(broker)) and len(a) >= 2 and a)
+    published = wait_for(lambda: (a := _actions(broker)) and len(a) >= 2 and a)
     ops = [a for a in published if a["list"] == "ops@nhs.net"]
     assert [(a["kind"], a["actor"], a["detector"]) for a in ops] == [("freeze", "alice", "operator"),
                                                                     ("unfreeze", "bob", "operator")]
