@@ -1,7 +1,7 @@
 """The live worker: a Faust app that feeds ``mail.events`` through the detectors.
 
 Declared plainly at module level, as Faust apps are: the app, its topics, the
-``list_state`` table and two short agents. Configuration comes from the
+``list_state`` and ``list_models`` tables and two short agents. Configuration comes from the
 environment (:class:`stream_jobs.settings.WorkerSettings`), read once at
 import; ``stormguard run`` sets it and then starts this app.
 
@@ -108,17 +108,24 @@ async def score(stream):
 async def operate(stream):
     """Apply operators' freezes and unfreezes from the admin API, in stream order."""
     async for command in stream:
-        cmd = msgspec.json.decode(command)
+        cmd: dict = {}
         try:
-            action = detector.operator_action(cmd["kind"], cmd["list"], cmd["at"], cmd["actor"], cmd["reason"])
-        except ValueError as exc:
+            decoded = msgspec.json.decode(command)
+            if not isinstance(decoded, dict):
+                raise TypeError("a command is a JSON object")
+            cmd = decoded
+            action = detector.operator_action(cmd["kind"], cmd["list"], float(cmd["at"]), str(cmd["actor"]),
+                                              str(cmd["reason"]))
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+            # Only the admin API writes here; anything else is refused, loudly, and skipped.
+            log.warning("refused an operator command: %s", exc)
             action, error = None, str(exc)
         else:
             error = None
             if action is not None:
                 await _publish(action)
                 metrics.observe_action(action)
-        future = _pending_commands.pop(cmd["id"], None)
+        future = _pending_commands.pop(cmd.get("id"), None)
         if future is not None and not future.done():
             future.set_result((action, error))
 

@@ -104,6 +104,9 @@ def test_admin_api_needs_a_token_and_records_who_and_why(broker, start_worker):
     open_worker.stop()
 
     worker = start_worker(broker.url, env={"STORMGUARD_ADMIN_TOKEN": "s3cret-token"})
+    # Forged or broken commands on the commands topic are refused without stopping the worker.
+    produce_lines(broker.bootstrap, [b"garbage", b"[1, 2]", b'{"kind": "explode", "list": "x", "at": 1}'],
+                  topic="stormguard.commands")
     code, body = http_json(worker.url + "/api/lists/ops@nhs.net/freeze", "POST", {"reason": "x"}, token="wrong")
     assert code == 401 and "s3cret" not in json.dumps(body)
     code, body = http_json(worker.url + "/api/lists/ops@nhs.net/freeze", "POST",
