@@ -129,6 +129,13 @@ class ReplyVelocity:
         #: The hour the list was last storming in; not learned as normal.
         self.hold_hour: int | None = None
 
+    def __getstate__(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple) -> None:
+        for name, value in zip(self.__slots__, state):
+            setattr(self, name, value)
+
     # -- learning -----------------------------------------------------------------
     def observe_hours_until(self, t: float, max_gap_hours: int = 24 * 14) -> None:
         """Close the hours before ``t``: learn their counts, quiet hours as zeros."""
