@@ -24,9 +24,9 @@ def metric(worker, name: str) -> float:
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
-def split_bulletin_storm() -> tuple[list[dict], list[dict]]:
+def split_bulletin_storm(background_events: int = 200) -> tuple[list[dict], list[dict]]:
     """Background, the bulletin history and two reply-alls; then the rest of the reply-alls."""
-    events = background(200) + bulletin_storm()
+    events = background(background_events) + bulletin_storm()
     return events[:-4], events[-4:]
 
 
@@ -94,7 +94,9 @@ def test_broker_outage_while_worker_runs(broker, start_worker):
 
 
 def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, start_worker, tmp_path):
-    before, after = split_bulletin_storm()
+    # Warm-up counts the events each worker has scored: with two workers sharing
+    # the background, each must see STORMGUARD_WARMUP_EVENTS (100) of its own.
+    before, after = split_bulletin_storm(background_events=600)
     expected = [a for a in offline_actions(before + after, tmp_path) if a["kind"] == "freeze"]
     env = {"STORMGUARD_PARTITIONS": "4"}
     w1 = start_worker(broker.url, env=env)
