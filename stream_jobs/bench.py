@@ -62,6 +62,8 @@ RATIOS: dict[str, tuple[str, str]] = {
     "worker_vs_bare": ("throughput.worker.events_per_s", "throughput.bare_aiokafka.events_per_s"),
     "noop_vs_bare": ("throughput.faust_noop.events_per_s", "throughput.bare_aiokafka.events_per_s"),
     "two_workers_vs_one": ("throughput.two_workers.events_per_s", "throughput.worker.events_per_s"),
+    # Scoring while `stormguard deliver` retries against a webhook receiver and a Grafana that are down.
+    "worker_sinks_down_vs_worker": ("throughput.worker_sinks_down.events_per_s", "throughput.worker.events_per_s"),
     "offline_vs_worker": ("throughput.offline_score.events_per_s", "throughput.worker.events_per_s"),
     "offline_cli_vs_in_process": ("throughput.offline_score_cli.events_per_s",
                                   "throughput.offline_score.events_per_s"),
@@ -485,6 +487,42 @@ class Bench:
         out["workers"] = n
         return out
 
+    def deliverer(self, broker: EmbeddedBroker, dead_url: str) -> Proc:
+        """`stormguard deliver` with a webhook receiver and a Grafana that are both down."""
+        port = free_port()
+        env = self.env(broker, f"sg-bench-deliver-{uuid.uuid4().hex[:6]}", port,
+                       STORMGUARD_WEBHOOK_URLS=f"down={dead_url}",
+                       STORMGUARD_WEBHOOK_SECRET="whsec_" + "QkVOQ0hCRU5DSEJFTkNIQkVOQ0g=",
+                       GRAFANA_URL=dead_url, GRAFANA_TOKEN="bench",
+                       STORMGUARD_DELIVER_GROUP=f"sg-bench-deliver-{uuid.uuid4().hex[:6]}",
+                       STORMGUARD_DELIVER_WEB_PORT=str(port), STORMGUARD_DELIVER_WEB_HOST="127.0.0.1")
+        p = Proc([PY, "-m", "stream_jobs.cli", "deliver", "--broker", broker.url], env,
+                 self.tmp / f"deliver-{port}.log", port)
+        self.procs.append(p)
+        return p
+
+    def run_worker_with_sinks_down(self, broker: EmbeddedBroker, total: int) -> dict:
+        """The worker from the start of the topic while the deliverer retries against dead receivers.
+
+        Scoring must not wait on receivers: this phase's events/s beside the plain
+        worker phase's is the proof (the ratio ``worker_sinks_down_vs_worker``).
+        """
+        deliver = self.deliverer(broker, f"http://127.0.0.1:{free_port()}/").start()
+        try:
+            out = self.run_workers(broker, total, 1, "5/5 worker, receivers down")
+            try:
+                status, body = _get(deliver.url + "/metrics")
+            except OSError:
+                status, body = 0, b""
+            # -1: the deliverer's metrics could not be read (it never came up).
+            failures = sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                           if line.startswith("stormguard_delivery_failures_total{")) if status == 200 else -1.0
+            out["deliver_failures_during_phase"] = failures
+            out["deliver_cpu_s"] = cpu_seconds(deliver.proc.pid)
+        finally:
+            deliver.stop()
+        return out
+
     def offline(self, records: list[bytes]) -> tuple[dict, dict]:
         from detectors.engine import StormDetector, process_raw
         from stream_jobs.settings import policy_from_env
@@ -703,6 +741,7 @@ class Bench:
         tp["faust_noop"] = self.run_noop(broker, total)
         tp["worker"] = self.run_workers(broker, total, 1, "3/4 Stormguard worker")
         tp["two_workers"] = self.run_workers(broker, total, 2, "4/4 two Stormguard workers")
+        tp["worker_sinks_down"] = self.run_worker_with_sinks_down(broker, total)
         broker.stop()
 
         say("bench: fresh broker for start-up and latency")
@@ -833,6 +872,7 @@ def table(r: dict) -> str:
         ("Faust no-op agent", tp["faust_noop"]),
         ("Stormguard worker (1)", tp["worker"]),
         ("Stormguard workers (2, same group)", tp["two_workers"]),
+        ("worker, receivers down (deliver retrying)", tp["worker_sinks_down"]),
         ("offline score, in-process", tp["offline_score"]),
         ("offline score, CLI", tp["offline_score_cli"]),
     ]
