@@ -125,7 +125,7 @@ class LiveGateway:
                  on_action: Optional[Callable[[Action], None]] = None):
         from kafka import KafkaConsumer, TopicPartition
 
-        from stream_jobs.replay import bootstrap_servers, make_producer, routing_key
+        from stream_jobs.replay import bootstrap_servers, kafka_security, make_producer, routing_key
 
         self.routing_key = routing_key
         self.producer = make_producer(broker)
@@ -141,7 +141,7 @@ class LiveGateway:
         self._last_wall: Optional[float] = None
         self._last_event: Optional[float] = None
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers(broker), enable_auto_commit=False,
-                                      group_id=None, consumer_timeout_ms=50)
+                                      group_id=None, consumer_timeout_ms=50, **kafka_security())
         deadline = time.monotonic() + timeout
         parts = None
         while not parts and time.monotonic() < deadline:

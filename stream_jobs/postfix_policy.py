@@ -174,12 +174,12 @@ class KafkaStateFeed:
     def _consume(self) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
-        from stream_jobs.replay import bootstrap_servers
+        from stream_jobs.replay import bootstrap_servers, kafka_security
 
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers(self.broker), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
                                  client_id="stormguard-policy", allow_auto_create_topics=False,
-                                 bootstrap_timeout_ms=5000)
+                                 bootstrap_timeout_ms=5000, **kafka_security())
         try:
             partitions = None
             while not self._stop.is_set():

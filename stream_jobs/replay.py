@@ -55,6 +55,13 @@ def bootstrap_servers(broker: Optional[str]) -> list[str]:
     return servers
 
 
+def kafka_security() -> dict:
+    """TLS/SASL options for kafka-python, from the worker's STORMGUARD_KAFKA_* settings."""
+    from stream_jobs.settings import WorkerSettings
+
+    return WorkerSettings.from_env().kafka_python_options()
+
+
 def make_producer(broker: Optional[str], **config):
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
@@ -62,7 +69,7 @@ def make_producer(broker: Optional[str], **config):
     servers = bootstrap_servers(broker)
     try:
         config.setdefault("bootstrap_timeout_ms", 10_000)
-        return KafkaProducer(bootstrap_servers=servers, linger_ms=5, acks=1, **config)
+        return KafkaProducer(bootstrap_servers=servers, linger_ms=5, acks=1, **kafka_security(), **config)
     except KafkaError:
         raise ReplayError(f"no Kafka broker answers at {','.join(servers)}; "
                           "start one with `stormguard broker` or pass --broker") from None

@@ -22,13 +22,13 @@ def ensure_topics(broker: str, partitions: int) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-    from stream_jobs.replay import bootstrap_servers
+    from stream_jobs.replay import bootstrap_servers, kafka_security
 
     wanted = {EVENTS_TOPIC: {}, DLQ_TOPIC: {}, ACTIONS_TOPIC: {}, COMMANDS_TOPIC: {},
               LIST_STATE_TOPIC: {"cleanup.policy": "compact"}}
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers(broker), client_id="stormguard-admin",
-                                 request_timeout_ms=10_000)
+                                 request_timeout_ms=10_000, **kafka_security())
     except KafkaError as exc:
         log.warning("cannot reach %s to create topics (%s); the worker will try anyway", broker, exc)
         return

@@ -141,6 +141,22 @@ class WorkerSettings:
             return {"broker_credentials": faust.SSLCredentials(context)}
         return {}
 
+    def kafka_python_options(self) -> dict:
+        """The same TLS and SASL settings, for the kafka-python clients (replay, ingest, policy, admin)."""
+        opts: dict = {}
+        tls = bool(self.ssl_cafile or self.ssl_certfile)
+        if tls:
+            opts.update(ssl_cafile=self.ssl_cafile, ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+        if self.sasl_mechanism:
+            if not (self.sasl_username and self.sasl_password):
+                raise SettingsError("STORMGUARD_KAFKA_SASL_MECHANISM needs STORMGUARD_KAFKA_SASL_USERNAME "
+                                    "and STORMGUARD_KAFKA_SASL_PASSWORD (or _FILE)")
+            opts.update(security_protocol="SASL_SSL" if tls else "SASL_PLAINTEXT", sasl_mechanism=self.sasl_mechanism,
+                        sasl_plain_username=self.sasl_username, sasl_plain_password=self.sasl_password)
+        elif tls:
+            opts["security_protocol"] = "SSL"
+        return {k: v for k, v in opts.items() if v is not None}
+
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides) -> "WorkerSettings":
         env = os.environ if environ is None else environ

@@ -96,3 +96,19 @@ def test_replay_without_a_broker_says_so(tmp_path):
     run = subprocess.run(STORMGUARD + ["replay", str(path), "--broker", f"kafka://127.0.0.1:{free_port()}",
                                        "--no-progress"], cwd=ROOT, capture_output=True, timeout=120)
     assert run.returncode == 1 and b"no Kafka broker answers" in run.stderr
+
+
+def test_kafka_python_clients_get_the_same_tls_and_sasl(tmp_path):
+    plain = WorkerSettings.from_env({}).kafka_python_options()
+    assert plain == {}
+    sasl = WorkerSettings.from_env({"STORMGUARD_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                                    "STORMGUARD_KAFKA_SASL_USERNAME": "sg",
+                                    "STORMGUARD_KAFKA_SASL_PASSWORD": "pw"}).kafka_python_options()
+    assert sasl == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512",
+                    "sasl_plain_username": "sg", "sasl_plain_password": "pw"}
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    tls = WorkerSettings.from_env({"STORMGUARD_KAFKA_SSL_CAFILE": str(ca), "STORMGUARD_KAFKA_SASL_MECHANISM": "PLAIN",
+                                   "STORMGUARD_KAFKA_SASL_USERNAME": "sg",
+                                   "STORMGUARD_KAFKA_SASL_PASSWORD": "pw"}).kafka_python_options()
+    assert tls["security_protocol"] == "SASL_SSL" and tls["ssl_cafile"] == str(ca)
