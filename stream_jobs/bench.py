@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ import msgspec
 from tqdm import tqdm
 
 from stream_jobs.broker import EmbeddedBroker, free_port
+from stream_jobs.processes import ChildProcess
 from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,62 +242,11 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-class Proc:
-    """A Faust app (the worker or the no-op) in a child process of its own session."""
-
-    def __init__(self, cmd: list[str], env: dict, log_path: Path, web_port: int):
-        self.cmd, self.env, self.log_path, self.web_port = cmd, env, log_path, web_port
-        self.proc: Optional[subprocess.Popen] = None
-        self.started = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    def start(self) -> "Proc":
-        log = open(self.log_path, "ab")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        """Seconds from start to ``/healthz`` 200."""
-        deadline = self.started + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.cmd[2]} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if _get(self.url + "/healthz", timeout=1.0)[0] == 200:
-                    return time.monotonic() - self.started
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.cmd[2]} not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="stormguard-bench-"))
-        self.procs: list[Proc] = []
+        self.procs: list[ChildProcess] = []
         self.brokers: list[EmbeddedBroker] = []
         self.progress = not args.no_progress
 
@@ -309,19 +258,19 @@ class Bench:
                    STORMGUARD_DATA_DIR=str(self.tmp / f"data-{app_id}"), PYTHONUNBUFFERED="1", **extra)
         return env
 
-    def worker(self, broker: EmbeddedBroker, app_id: Optional[str] = None, **extra: str) -> Proc:
+    def worker(self, broker: EmbeddedBroker, app_id: Optional[str] = None, **extra: str) -> ChildProcess:
         port = free_port()
         app_id = app_id or f"sg-bench-{uuid.uuid4().hex[:6]}"
-        p = Proc([PY, "-m", "stream_jobs.cli", "run", "--broker", broker.url, "--web-port", str(port)],
-                 self.env(broker, app_id, port, **extra), self.tmp / f"{app_id}-{port}.log", port)
+        p = ChildProcess([PY, "-m", "stream_jobs.cli", "run", "--broker", broker.url, "--web-port", str(port)],
+                         self.tmp / f"{app_id}-{port}.log", self.env(broker, app_id, port, **extra), port, "run")
         self.procs.append(p)
         return p
 
-    def noop(self, broker: EmbeddedBroker, **extra: str) -> Proc:
+    def noop(self, broker: EmbeddedBroker, **extra: str) -> ChildProcess:
         port = free_port()
         app_id = f"sg-bench-noop-{uuid.uuid4().hex[:6]}"
-        p = Proc([PY, "-m", "stream_jobs.bench_noop"], self.env(broker, app_id, port, **extra),
-                 self.tmp / f"{app_id}.log", port)
+        p = ChildProcess([PY, "-m", "stream_jobs.bench_noop"], self.tmp / f"{app_id}.log",
+                         self.env(broker, app_id, port, **extra), port, "stream_jobs.bench_noop")
         self.procs.append(p)
         return p
 
@@ -396,7 +345,7 @@ class Bench:
                 "events_per_cpu_s": n / cpu if cpu > 0 else float("nan"), "decoder": "msgspec.json.decode",
                 "partitions": len(tps)}
 
-    def drain(self, procs: list[Proc], count: Callable[[str], int], total: int, desc: str,
+    def drain(self, procs: list[ChildProcess], count: Callable[[str], int], total: int, desc: str,
               timeout: float, interval: float = 0.2) -> dict:
         """Poll the consumers' counts until together they reach ``total``; time from the first record seen.
 
@@ -429,7 +378,7 @@ class Bench:
                 prev_t, prev_n = now, n
                 for p in procs:
                     if p.proc.poll() is not None:
-                        raise RuntimeError(f"{p.cmd[2]} died:\n{p.tail()}")
+                        raise RuntimeError(f"{p.name} died:\n{p.tail()}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{desc}: {n}/{total} after {timeout:.0f} s:\n{procs[0].tail()}")
                 time.sleep(interval)
@@ -487,7 +436,7 @@ class Bench:
         out["workers"] = n
         return out
 
-    def deliverer(self, broker: EmbeddedBroker, dead_url: str) -> Proc:
+    def deliverer(self, broker: EmbeddedBroker, dead_url: str) -> ChildProcess:
         """`stormguard deliver` with a webhook receiver and a Grafana that are both down."""
         port = free_port()
         env = self.env(broker, f"sg-bench-deliver-{uuid.uuid4().hex[:6]}", port,
@@ -496,8 +445,8 @@ class Bench:
                        GRAFANA_URL=dead_url, GRAFANA_TOKEN="bench",
                        STORMGUARD_DELIVER_GROUP=f"sg-bench-deliver-{uuid.uuid4().hex[:6]}",
                        STORMGUARD_DELIVER_WEB_PORT=str(port), STORMGUARD_DELIVER_WEB_HOST="127.0.0.1")
-        p = Proc([PY, "-m", "stream_jobs.cli", "deliver", "--broker", broker.url], env,
-                 self.tmp / f"deliver-{port}.log", port)
+        p = ChildProcess([PY, "-m", "stream_jobs.cli", "deliver", "--broker", broker.url],
+                         self.tmp / f"deliver-{port}.log", env, port, "deliver")
         self.procs.append(p)
         return p
 
@@ -557,7 +506,7 @@ class Bench:
                "cpu_s": cli_cpu, "events_per_cpu_s": len(records) / cli_cpu, "actions": cli_actions, "includes": "interpreter start-up, file read, action lines written"}
         return in_process, cli
 
-    def startup(self, broker: EmbeddedBroker, samples: int, **extra: str) -> tuple[dict, "Proc"]:
+    def startup(self, broker: EmbeddedBroker, samples: int, **extra: str) -> tuple[dict, ChildProcess]:
         """Start the worker ``samples`` times (first with a new group, then restarts of it); keep the last."""
         app_id = f"sg-bench-live-{uuid.uuid4().hex[:6]}"
         times = []
@@ -571,7 +520,7 @@ class Bench:
                  "what": "process start to GET /healthz 200; sample 1 is a new consumer group on a fresh broker, "
                          "the others restarts of the same group"}, p)
 
-    def latency(self, broker: EmbeddedBroker, worker: Proc, seconds: float, rate: float,
+    def latency(self, broker: EmbeddedBroker, worker: ChildProcess, seconds: float, rate: float,
                 storm_every: float, replies: int = 5) -> dict:
         """Background traffic at ``rate`` events/s; a storm on a fresh list every ``storm_every`` s.
 

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +35,8 @@ from typing import Callable, Iterable, Optional
 
 from detectors.events import MailEvent, encode_event
 from detectors.policy import Action, decode_action
+from stream_jobs.processes import ProcessError, WorkerProcess
 from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class LiveError(RuntimeError):
@@ -57,48 +53,6 @@ def _http(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 _COUNTER = re.compile(rb"^(stormguard_events_(?:processed|invalid)_total|stormguard_actions_total)"
                       rb"(?:\{[^}]*\})? ([0-9.e+]+)$", re.M)
-
-
-class WorkerProcess:
-    """``stormguard run`` in a child process with its own app id and data directory."""
-
-    def __init__(self, broker_url: str, web_port: int, data_dir: Path, log_path: Path):
-        self.broker_url, self.web_port, self.data_dir, self.log_path = broker_url, web_port, data_dir, log_path
-        self.proc: Optional[subprocess.Popen] = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    def start(self, timeout: float = 60.0) -> "WorkerProcess":
-        env = {**os.environ, "STORMGUARD_APP_ID": f"sg-demo-{uuid.uuid4().hex[:8]}",
-               "STORMGUARD_DATA_DIR": str(self.data_dir), "PYTHONUNBUFFERED": "1"}
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream_jobs.cli", "run", "--broker", self.broker_url,
-                                      "--web-port", str(self.web_port)], cwd=ROOT, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LiveError(f"the worker exited with code {self.proc.returncode}; see {self.log_path}")
-            try:
-                if _http(self.url + "/healthz", 1.0)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise LiveError(f"the worker was not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 def worker_counts(worker_url: str) -> tuple[int, int]:
@@ -264,9 +218,11 @@ class LiveSession:
         self._stop_started()
         assert self.tmp is not None
         self.broker = EmbeddedBroker(port=free_port(), log_path=self.tmp / "broker.log").start()
-        run = uuid.uuid4().hex[:6]
-        self.worker = WorkerProcess(self.broker.url, free_port(), self.tmp / f"data-{run}",
-                                    self.tmp / f"worker-{run}.log").start()
+        self.worker = WorkerProcess(self.broker.url, self.tmp, app_id=f"sg-demo-{uuid.uuid4().hex[:8]}").start()
+        try:
+            self.worker.wait_ready()
+        except ProcessError as exc:
+            raise LiveError(str(exc)) from None
         return self.broker.url, self.worker.url
 
     def gateway(self, scenario) -> LiveGateway:

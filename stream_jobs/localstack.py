@@ -17,21 +17,17 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Optional
 
 from stream_jobs.broker import free_port
+from stream_jobs.processes import ChildProcess, WorkerProcess, http_ok
 
-ROOT = Path(__file__).resolve().parent.parent
 STORM_LIST = "all@nhs.example"
 
 
@@ -65,7 +61,7 @@ class Prometheus:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sg-prom-"))
         self.port = free_port()
-        self.proc: Optional[subprocess.Popen] = None
+        self.child: Optional[ChildProcess] = None
         self.config_path = self.workdir / "prometheus.yml"
         self.log_path = self.workdir / "prometheus.log"
 
@@ -76,25 +72,13 @@ class Prometheus:
     def start(self, timeout: float = 30.0) -> "Prometheus":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(scrape_config(self.targets, interval=self.interval))
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        self.child = ChildProcess(
             [prometheus_binary(), f"--config.file={self.config_path}",
              f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
              "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise StackError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise StackError(f"prometheus not ready after {timeout} s:\n{self.log()}")
+            self.log_path, name="prometheus").start()
+        self.child.wait_until(lambda: http_ok(self.url + "/-/ready"), timeout)
+        return self
 
     def api(self, path: str, **params) -> dict:
         url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
@@ -132,19 +116,11 @@ class Prometheus:
         raise StackError(f"{expr!r} returned nothing for {timeout} s (last answer {last})")
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+        return self.child.tail(4000) if self.child is not None else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.child is not None:
+            self.child.stop()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -155,68 +131,17 @@ class Prometheus:
         self.stop()
 
 
-class Worker:
-    """``stormguard run --broker URL --web-port N`` in a child process."""
-
-    def __init__(self, broker_url: str, workdir: Path, app_id: Optional[str] = None, env: Optional[dict] = None):
-        self.broker_url = broker_url
-        self.web_port = free_port()
-        self.app_id = app_id or f"sg-obs-{uuid.uuid4().hex[:8]}"
-        self.workdir = Path(workdir)
-        self.env = {**os.environ, "STORMGUARD_APP_ID": self.app_id,
-                    "STORMGUARD_DATA_DIR": str(self.workdir / f"data-{self.web_port}"),
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: Optional[subprocess.Popen] = None
-        self.log_path = self.workdir / f"worker-{self.web_port}.log"
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.web_port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.target}"
+class Worker(WorkerProcess):
+    """``stormguard run --broker URL --web-port N`` in a child process, ready when started."""
 
     def start(self, timeout: float = 60.0) -> "Worker":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_jobs.cli", "run", "--broker", self.broker_url,
-             "--web-port", str(self.web_port)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise StackError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise StackError(f"worker not ready after {timeout} s:\n{self.log()}")
+        super().start()
+        self.wait_ready(timeout)
+        return self
 
     def get(self, path: str) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=5.0) as resp:
             return resp.read()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-5000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def storm_events(end: float, seed: int = 0, background: int = 400, replies: int = 300,

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
 
+from stream_jobs import processes
 from stream_jobs.broker import EmbeddedBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,74 +45,21 @@ def http_json(url: str, method: str = "GET", body: Optional[dict] = None, token:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-class WorkerProcess:
-    """``stormguard run`` in a child process, against a given broker."""
+class WorkerProcess(processes.WorkerProcess):
+    """``stormguard run`` against a given broker, with a JSON ``get`` for the tests."""
 
-    def __init__(self, broker_url: str, tmp: Path, app_id: Optional[str] = None, env: Optional[dict] = None):
-        self.broker_url = broker_url
-        self.web_port = free_port()
-        self.app_id = app_id or f"sg-test-{uuid.uuid4().hex[:8]}"
-        self.tmp = tmp
-        self.env = {**os.environ, "STORMGUARD_APP_ID": self.app_id, "STORMGUARD_DATA_DIR": str(tmp / "data"),
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: Optional[subprocess.Popen] = None
-        self.log_path = tmp / f"worker-{self.app_id}-{self.web_port}.log"
-        self.ready_after: Optional[float] = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
+    ready_after: Optional[float] = None
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> "WorkerProcess":
-        started = time.monotonic()
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(STORMGUARD + ["run", "--broker", self.broker_url, "--web-port", str(self.web_port)],
-                                     cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        super().start()
         if wait:
-            self.wait_ready(timeout)
-            self.ready_after = time.monotonic() - started
+            self.ready_after = self.wait_ready(timeout)
         return self
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                status, _ = http_json(self.url + "/healthz", timeout=1.0)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"worker not ready after {timeout} s:\n{self.log()}")
 
     def get(self, path: str) -> dict:
         status, body = http_json(self.url + path)
         assert status == 200, (status, body)
         return body
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye, no final commit."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-5000:]
-        except OSError:
-            return ""
 
 
 @pytest.fixture

@@ -248,7 +248,7 @@ def test_postfix_events_in_freeze_out_mail_to_the_frozen_list_is_held(broker, st
         mta.send("bob@example.test", [LIST], "RE: Test message", "<reply1@example.test>",
                  in_reply_to="<root@example.test>")
         status = wait_for(lambda: (s := worker.get(f"/api/lists/{LIST}"))["frozen"] and s, 60,
-                       f"the worker to freeze {LIST}\n{ingest.log()}\n{worker.log()}")
+                       f"the worker to freeze {LIST}\n{ingest.log()}\n{worker.tail()}")
         assert "anomalous" in status["reason"]
         reply1 = events()["<reply1@example.test>"]
         assert reply1["in_reply_to"] == "<root@example.test>" and reply1["lists"] == {LIST: MEMBERS}
