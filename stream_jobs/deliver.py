@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from detectors.policy import Action, decode_action
-from stream_jobs.settings import ACTIONS_TOPIC, SettingsError, secret
+from stream_jobs.settings import ACTIONS_TOPIC, SettingsError
 from stream_jobs.sinks import Rejected, Sink, Skip, describe, sinks_from_env
 
 log = logging.getLogger("stormguard.deliver")
@@ -134,26 +134,9 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random = ra
 
 def kafka_options(environ: Optional[dict] = None) -> dict:
     """TLS and SASL for aiokafka, from the same ``STORMGUARD_KAFKA_*`` variables as the worker."""
-    env = os.environ if environ is None else environ
-    cafile = env.get("STORMGUARD_KAFKA_SSL_CAFILE") or None
-    certfile = env.get("STORMGUARD_KAFKA_SSL_CERTFILE") or None
-    keyfile = env.get("STORMGUARD_KAFKA_SSL_KEYFILE") or None
-    mechanism = env.get("STORMGUARD_KAFKA_SASL_MECHANISM") or None
-    opts: dict = {}
-    if cafile or certfile:
-        from aiokafka.helpers import create_ssl_context
+    from stream_jobs.settings import WorkerSettings
 
-        opts["ssl_context"] = create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
-        opts["security_protocol"] = "SSL"
-    if mechanism:
-        user = env.get("STORMGUARD_KAFKA_SASL_USERNAME") or None
-        password = secret("STORMGUARD_KAFKA_SASL_PASSWORD", env)
-        if not (user and password):
-            raise SettingsError("STORMGUARD_KAFKA_SASL_MECHANISM needs STORMGUARD_KAFKA_SASL_USERNAME "
-                                "and STORMGUARD_KAFKA_SASL_PASSWORD (or _FILE)")
-        opts.update(sasl_mechanism=mechanism, sasl_plain_username=user, sasl_plain_password=password,
-                    security_protocol="SASL_SSL" if "ssl_context" in opts else "SASL_PLAINTEXT")
-    return opts
+    return WorkerSettings.from_env(environ).aiokafka_options()
 
 
 # -- metrics (the shared registry; stormguard_outbox_backlog and _delivery_failures live in metrics.py) ----

@@ -117,21 +117,22 @@ class WorkerSettings:
             **self.kafka_client_options(),
         )
 
+    @property
+    def tls(self) -> bool:
+        return bool(self.ssl_cafile or self.ssl_certfile)
+
     def kafka_client_options(self) -> dict:
         """TLS and SASL for production brokers, passed through to Faust (and so to aiokafka)."""
         import ssl
 
         context = None
-        if self.ssl_cafile or self.ssl_certfile:
+        if self.tls:
             context = ssl.create_default_context(cafile=self.ssl_cafile)
             if self.ssl_certfile:
                 context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
         if self.sasl_mechanism:
             import faust
 
-            if not (self.sasl_username and self.sasl_password):
-                raise SettingsError("STORMGUARD_KAFKA_SASL_MECHANISM needs STORMGUARD_KAFKA_SASL_USERNAME "
-                                    "and STORMGUARD_KAFKA_SASL_PASSWORD (or _FILE)")
             return {"broker_credentials": faust.SASLCredentials(
                 username=self.sasl_username, password=self.sasl_password,
                 mechanism=self.sasl_mechanism, ssl_context=context)}
@@ -144,18 +145,26 @@ class WorkerSettings:
     def kafka_python_options(self) -> dict:
         """The same TLS and SASL settings, for the kafka-python clients (replay, ingest, policy, admin)."""
         opts: dict = {}
-        tls = bool(self.ssl_cafile or self.ssl_certfile)
-        if tls:
+        if self.tls:
             opts.update(ssl_cafile=self.ssl_cafile, ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         if self.sasl_mechanism:
-            if not (self.sasl_username and self.sasl_password):
-                raise SettingsError("STORMGUARD_KAFKA_SASL_MECHANISM needs STORMGUARD_KAFKA_SASL_USERNAME "
-                                    "and STORMGUARD_KAFKA_SASL_PASSWORD (or _FILE)")
-            opts.update(security_protocol="SASL_SSL" if tls else "SASL_PLAINTEXT", sasl_mechanism=self.sasl_mechanism,
+            opts.update(security_protocol="SASL_SSL" if self.tls else "SASL_PLAINTEXT", sasl_mechanism=self.sasl_mechanism,
                         sasl_plain_username=self.sasl_username, sasl_plain_password=self.sasl_password)
-        elif tls:
+        elif self.tls:
             opts["security_protocol"] = "SSL"
         return {k: v for k, v in opts.items() if v is not None}
+
+    def aiokafka_options(self) -> dict:
+        """The same TLS and SASL settings, for aiokafka clients of our own (``stormguard deliver``)."""
+        opts = self.kafka_python_options()
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            opts.pop(name, None)
+        if self.tls:
+            from aiokafka.helpers import create_ssl_context
+
+            opts["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile,
+                                                     keyfile=self.ssl_keyfile)
+        return opts
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides) -> "WorkerSettings":
@@ -191,6 +200,9 @@ class WorkerSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["partitions"] < 1:
             raise SettingsError("STORMGUARD_PARTITIONS must be >= 1")
+        if values["sasl_mechanism"] and not (values["sasl_username"] and values["sasl_password"]):
+            raise SettingsError("STORMGUARD_KAFKA_SASL_MECHANISM needs STORMGUARD_KAFKA_SASL_USERNAME "
+                                "and STORMGUARD_KAFKA_SASL_PASSWORD (or _FILE)")
         return cls(**values)
 
 
