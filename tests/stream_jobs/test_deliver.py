@@ -7,17 +7,15 @@ import base64
 import json
 import os
 import re
-import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
 from detectors.policy import Action, encode_action
 from stream_jobs.broker import free_port
+from stream_jobs.processes import ChildProcess
 from stream_jobs.settings import ACTIONS_TOPIC
 from tests.conftest import ROOT, STORMGUARD, http_json, read_topic
 from tests.stream_jobs.receivers import FakeGrafana, RecordingServer, WebhookReceiver
@@ -26,41 +24,16 @@ SECRET = "whsec_" + base64.b64encode(b"stormguard-deliver-test-secret!!").decode
 T0 = 1479376800.0
 
 
-class DeliverProcess:
-    """``stormguard deliver`` in a child process (its own session, stopped by its pid)."""
+class DeliverProcess(ChildProcess):
+    """``stormguard -v deliver`` in a child process, with short retries for the tests."""
 
     def __init__(self, broker_url: str, tmp: Path, env: dict):
-        self.broker_url = broker_url
-        self.web_port = free_port()
-        self.log_path = tmp / f"deliver-{self.web_port}.log"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "STORMGUARD_DELIVER_BACKOFF_BASE": "0.1",
-                    "STORMGUARD_DELIVER_BACKOFF_MAX": "1", "STORMGUARD_DELIVER_TIMEOUT": "3", **env}
-        self.proc: Optional[subprocess.Popen] = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    def start(self) -> "DeliverProcess":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(STORMGUARD + ["-v", "deliver", "--broker", self.broker_url,
-                                                   "--web-port", str(self.web_port)],
-                                     cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"deliver exited {self.proc.returncode}:\n{self.log()}"
-            try:
-                if http_json(self.url + "/healthz", timeout=1.0)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"deliver not ready after {timeout} s:\n{self.log()}")
+        port = free_port()
+        super().__init__(STORMGUARD + ["-v", "deliver", "--broker", broker_url, "--web-port", str(port)],
+                         tmp / f"deliver-{port}.log",
+                         {**os.environ, "PYTHONUNBUFFERED": "1", "STORMGUARD_DELIVER_BACKOFF_BASE": "0.1",
+                          "STORMGUARD_DELIVER_BACKOFF_MAX": "1", "STORMGUARD_DELIVER_TIMEOUT": "3", **env},
+                         web_port=port, name="deliver")
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
@@ -71,20 +44,11 @@ class DeliverProcess:
         return float(m.group(1)) if m else float("nan")
 
     def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        super().stop(timeout=20)
         return self.proc.returncode if self.proc else 0
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
+        return self.tail(6000)
 
 
 @pytest.fixture
