@@ -217,6 +217,12 @@ def scraped_count(url: str) -> int:
     return int(total)
 
 
+def worker_count(url: str) -> int:
+    """Records a worker has consumed, from ``/healthz`` (as cheap to ask as the no-op's ``/count``)."""
+    _, body = _get(url + "/healthz")
+    return int(json.loads(body).get("records", 0))
+
+
 def noop_count(url: str) -> int:
     _, body = _get(url + "/count")
     return int(json.loads(body)["count"])
@@ -423,7 +429,7 @@ class Bench:
             p.start()
         try:
             ready = [p.wait_ready() for p in procs]
-            out = self.drain(procs, scraped_count, total, desc, self.args.phase_timeout, interval=0.5)
+            out = self.drain(procs, worker_count, total, desc, self.args.phase_timeout, interval=0.5)
             # What one poll costs the worker it measures (it is idle now): the scrape renders every series.
             started = time.perf_counter()
             for _ in range(10):

@@ -21,7 +21,7 @@ from typing import Any
 
 import faust
 
-from stream_jobs.faust_tuning import shorten_fetch_long_poll
+from stream_jobs.faust_tuning import RawSchema, StormguardApp, shorten_fetch_long_poll
 
 from stream_jobs.settings import EVENTS_TOPIC, WorkerSettings
 
@@ -29,10 +29,12 @@ settings = WorkerSettings.from_env()
 MODE = os.environ.get("STORMGUARD_BENCH_NOOP_MODE", "events")
 
 shorten_fetch_long_poll(settings.fetch_max_wait_ms)
-app = faust.App(settings.app_id, **settings.faust_app_options())  # configured as the worker is
+# Configured as the worker is; STORMGUARD_FAST_DRAIN=false gives stock Faust (the framework's own ceiling).
+app = StormguardApp(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options())
 
 _raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, **_raw)
+events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions,
+                         schema=RawSchema() if settings.fast_drain else faust.Schema(**_raw))
 
 _count = 0
 _ready = asyncio.Event()

@@ -86,6 +86,8 @@ class WorkerSettings:
     session_timeout: float = 4.0
     heartbeat_interval: float = 0.5
     fetch_max_wait_ms: int = 100
+    fast_drain: bool = True
+    model_save_ms: int = 500
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     sasl_mechanism: Optional[str] = None
@@ -170,6 +172,16 @@ class WorkerSettings:
     def from_env(cls, environ: Optional[dict] = None, **overrides) -> "WorkerSettings":
         env = os.environ if environ is None else environ
 
+        def flag(name: str, default: bool) -> bool:
+            raw = (env.get(name) or "").strip().lower()
+            if not raw:
+                return default
+            if raw in ("1", "true", "yes", "on"):
+                return True
+            if raw in ("0", "false", "no", "off"):
+                return False
+            raise SettingsError(f"{name}={raw!r} is not a boolean (true/false)")
+
         def num(name: str, default, kind=int):
             raw = env.get(name)
             if not raw:
@@ -189,6 +201,8 @@ class WorkerSettings:
             session_timeout=num("STORMGUARD_SESSION_TIMEOUT", cls.session_timeout, float),
             heartbeat_interval=num("STORMGUARD_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
             fetch_max_wait_ms=num("STORMGUARD_FETCH_MAX_WAIT_MS", cls.fetch_max_wait_ms),
+            fast_drain=flag("STORMGUARD_FAST_DRAIN", cls.fast_drain),
+            model_save_ms=num("STORMGUARD_MODEL_SAVE_MS", cls.model_save_ms),
             policy=policy_from_env(env),
             sasl_mechanism=env.get("STORMGUARD_KAFKA_SASL_MECHANISM") or None,
             sasl_username=env.get("STORMGUARD_KAFKA_SASL_USERNAME") or None,
@@ -200,6 +214,8 @@ class WorkerSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["partitions"] < 1:
             raise SettingsError("STORMGUARD_PARTITIONS must be >= 1")
+        if values["model_save_ms"] < 0:
+            raise SettingsError("STORMGUARD_MODEL_SAVE_MS must be >= 0")
         if values["sasl_mechanism"] and not (values["sasl_username"] and values["sasl_password"]):
             raise SettingsError("STORMGUARD_KAFKA_SASL_MECHANISM needs STORMGUARD_KAFKA_SASL_USERNAME "
                                 "and STORMGUARD_KAFKA_SASL_PASSWORD (or _FILE)")
@@ -222,6 +238,11 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
     ("STORMGUARD_HEARTBEAT_INTERVAL", "0.5", "Kafka group heartbeat interval in seconds"),
     ("STORMGUARD_FETCH_MAX_WAIT_MS", "100", "longest fetch long-poll; bounds how long a new event can wait "
      "on a broker that does not answer long polls early"),
+    ("STORMGUARD_FAST_DRAIN", "true", "hand each fetched batch of records to the agents in one task instead of "
+     "Faust's four tasks per record (`stream_jobs/faust_tuning.py`); `false` gives stock Faust"),
+    ("STORMGUARD_MODEL_SAVE_MS", "500", "how often, in milliseconds, changed list models are written to the "
+     "`list_models` changelog (freezes are written at once); 0 writes them after every batch. A crash can "
+     "lose up to this much model learning, never a freeze"),
     ("STORMGUARD_LOG_LEVEL", "warn", "worker log level: crit, error, warn, info, debug"),
     ("STORMGUARD_ADMIN_TOKEN (or _FILE)", "unset", "bearer token for `POST /api/lists/{address}/freeze|unfreeze`; "
      "unset, those endpoints answer 403"),

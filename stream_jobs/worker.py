@@ -18,6 +18,7 @@ import logging
 import pickle
 import time
 import uuid
+from time import perf_counter
 import weakref
 from typing import Any, Optional
 
@@ -29,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from detectors.engine import ListStatus, StormDetector, process_raw
 from detectors.policy import Action, encode_action
 from stream_jobs import metrics
-from stream_jobs.faust_tuning import shorten_fetch_long_poll
+from stream_jobs.faust_tuning import RawSchema, StormguardApp, shorten_fetch_long_poll
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
                                   WorkerSettings, secret)
 
@@ -40,14 +41,14 @@ settings = WorkerSettings.from_env()
 
 shorten_fetch_long_poll(settings.fetch_max_wait_ms)
 
-app = faust.App(settings.app_id, **settings.faust_app_options())
+app = StormguardApp(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options())
 
-_raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, **_raw)
-dlq_topic = app.topic(DLQ_TOPIC, partitions=settings.partitions, **_raw)
-actions_topic = app.topic(ACTIONS_TOPIC, partitions=settings.partitions, **_raw)
-list_state_topic = app.topic(LIST_STATE_TOPIC, partitions=settings.partitions, **_raw)
-commands_topic = app.topic(COMMANDS_TOPIC, partitions=settings.partitions, **_raw)
+# Bytes on the wire both ways: the detectors decode events themselves (msgspec).
+events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, schema=RawSchema())
+dlq_topic = app.topic(DLQ_TOPIC, partitions=settings.partitions, schema=RawSchema())
+actions_topic = app.topic(ACTIONS_TOPIC, partitions=settings.partitions, schema=RawSchema())
+list_state_topic = app.topic(LIST_STATE_TOPIC, partitions=settings.partitions, schema=RawSchema())
+commands_topic = app.topic(COMMANDS_TOPIC, partitions=settings.partitions, schema=RawSchema())
 
 #: Every list's freeze state, changelog-backed: a restarted worker keeps every freeze.
 list_state = app.Table("list_state", default=None, partitions=settings.partitions,
@@ -56,16 +57,22 @@ list_state = app.Table("list_state", default=None, partitions=settings.partition
 #: Each list's learned model (velocity norm, threads, posters), so a restarted or
 #: surviving worker decides as the one that died would have. Pickled: this
 #: changelog must be writable only by Stormguard (see the threat model).
-list_models = app.Table("list_models", default=None, partitions=settings.partitions,
-                        schema=faust.Schema(key_serializer="json", value_serializer="json"))
+list_models = app.Table("list_models", default=None, partitions=settings.partitions, key_type=str, value_type=bytes,
+                        schema=faust.Schema(key_serializer="json", value_serializer="raw"))
 _META_KEY = "__stormguard_meta__"
 #: Records scored per batch at most, and the longest wait to fill one (seconds):
 #: under light traffic a record waits at most this long before it is scored.
 BATCH_MAX = 500
 BATCH_WITHIN = 0.01
 
+#: Lists whose model changed since the last save, each with the last record that changed it.
+MODEL_SAVE_S = settings.model_save_ms / 1000.0
+
 detector = StormDetector(settings.policy)
 _ready = asyncio.Event()
+_unsaved: dict[str, Any] = {}
+_records_consumed = 0
+_last_save = 0.0
 _pending_commands: dict[str, asyncio.Future] = {}
 _status_encoder = msgspec.json.Encoder()
 
@@ -75,33 +82,41 @@ _status_encoder = msgspec.json.Encoder()
 async def score(stream):
     """Score every submitted message; publish what the detectors decide.
 
-    Records are taken in small batches only to save each changed list's model
-    once per batch instead of once per record (pickling a busy list is the
-    worker's biggest cost during a storm). Decisions are unchanged: records
-    still reach the detector one at a time, in partition order, and every
-    action is published as soon as its record is scored. The batch's offsets
-    are acked after the loop body, so models are written before their offsets
-    can be committed.
+    Records are taken in small batches so that a busy list's model is written
+    to its changelog once per ``STORMGUARD_MODEL_SAVE_MS``, not once per record
+    (pickling and producing a busy list's model was the worker's biggest cost
+    during a storm). Decisions are unchanged: records still reach the detector
+    one at a time, in partition order, and every action, freezes included, is
+    published as soon as its record is scored.
     """
+    global _records_consumed
     _restore_state()
-    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
-        dirty: dict[str, Any] = {}
-        for event in events:
-            # Tables partition their changelog by the record being processed.
-            _current_event.set(weakref.ref(event))
-            raw = event.value
-            with metrics.PROCESSING_SECONDS.time():
+    try:
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+            _records_consumed += len(events)
+            for event in events:
+                # Tables partition their changelog by the record being processed.
+                _current_event.set(weakref.ref(event))
+                raw = event.value
+                started = perf_counter()
                 outcome = process_raw(detector, raw if isinstance(raw, bytes) else bytes(raw or b""))
-            if outcome.error is not None:
-                await _dead_letter(event, outcome.error)
-            else:
-                for address in outcome.event.lists:
-                    dirty[address] = event
-            for action in outcome.actions:
-                await _publish(action)
-            metrics.observe_event(detector, outcome, _record_time(event))
-        _save_models(dirty)
-        _current_event.set(None)
+                metrics.PROCESSING_SECONDS.observe(perf_counter() - started)
+                if outcome.error is not None:
+                    await _dead_letter(event, outcome.error)
+                else:
+                    for address in outcome.event.lists:
+                        _unsaved[address] = event
+                for action in outcome.actions:
+                    await _publish(action)
+                metrics.observe_event(detector, outcome, _record_time(event))
+            _current_event.set(None)
+            if time.monotonic() - _last_save >= MODEL_SAVE_S:
+                _save_models()
+    finally:
+        try:
+            _save_models()  # stopping or restarting: what was learned is kept
+        except Exception as exc:  # the producer may already be gone
+            log.warning("could not save %d list model(s) on the way out: %r", len(_unsaved), exc)
 
 
 @app.agent(commands_topic)
@@ -128,6 +143,22 @@ async def operate(stream):
         future = _pending_commands.pop(cmd.get("id"), None)
         if future is not None and not future.done():
             future.set_result((action, error))
+
+
+@app.timer(max(MODEL_SAVE_S, 0.05))
+async def save_idle_models() -> None:
+    """Traffic stopped: save what the last batches taught, without waiting for the next record."""
+    if _unsaved and time.monotonic() - _last_save >= MODEL_SAVE_S:
+        try:
+            _save_models()
+        except Exception as exc:  # kept in _unsaved: the next tick or batch tries again
+            log.warning("could not save %d list model(s): %r", len(_unsaved), exc)
+
+
+@app.on_partitions_revoked.connect
+async def _on_revoked(sender: Any = None, *args: Any, **kwargs: Any) -> None:
+    # The next owner of these partitions adopts the models from the changelog.
+    _save_models()
 
 
 @app.timer(1.0)
@@ -173,16 +204,26 @@ def _record_time(event) -> Optional[float]:
     return float(ts) if ts else None
 
 
-def _save_models(dirty: dict) -> None:
-    """Write each list model a batch changed, once, partitioned by the last record that changed it."""
-    for address, event in dirty.items():
-        state = detector.lists.get(address)
-        if state is not None:
+def _save_models() -> None:
+    """Write each changed list model once, partitioned by the last record that changed it."""
+    global _last_save
+    _last_save = time.monotonic()
+    if not _unsaved:
+        return
+    previous = _current_event.get(None)
+    try:
+        while _unsaved:
+            address, event = next(iter(_unsaved.items()))
+            state = detector.lists.get(address)
             _current_event.set(weakref.ref(event))
-            list_models[address] = base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode()
-    if dirty:
-        list_models[_META_KEY] = {"events_seen": detector.events_seen, "watermark": detector.watermark,
-                                  "largest_list": detector.largest_list}
+            if state is not None:
+                list_models[address] = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+            del _unsaved[address]
+        list_models[_META_KEY] = msgspec.json.encode({"events_seen": detector.events_seen,
+                                                      "watermark": detector.watermark,
+                                                      "largest_list": detector.largest_list})
+    finally:
+        _current_event.set(previous)
 
 
 def _restore_state() -> None:
@@ -192,14 +233,14 @@ def _restore_state() -> None:
         if not blob:
             continue
         if address == _META_KEY:
-            meta = blob
+            meta = msgspec.json.decode(blob)
             detector.events_seen = max(detector.events_seen, meta["events_seen"])
             detector.largest_list = max(detector.largest_list, meta.get("largest_list", 0))
             if meta["watermark"] is not None and (detector.watermark is None or meta["watermark"] > detector.watermark):
                 detector.watermark = meta["watermark"]
         elif address not in detector.lists:
             try:
-                state = detector.lists[address] = pickle.loads(base64.b64decode(blob))
+                state = detector.lists[address] = pickle.loads(blob)
                 adopted += 1
                 if state.frozen:
                     detector.restore(state.status())
@@ -219,7 +260,7 @@ def _restore_state() -> None:
 async def healthz(web, request):
     if not _ready.is_set():
         return web.json({"status": "starting"}, status=503)
-    return web.json({"status": "ok", "events_seen": detector.events_seen,
+    return web.json({"status": "ok", "records": _records_consumed, "events_seen": detector.events_seen,
                      "frozen_lists": len(detector.frozen_lists())})
 
 
