@@ -58,7 +58,11 @@ SCHEMA = 1
 
 #: ratio name -> (numerator, denominator), as dotted paths into the results.
 RATIOS: dict[str, tuple[str, str]] = {
+    # Detection's cost: the worker against a no-op agent with the same consumer (batched drain, raw schema).
     "worker_vs_noop": ("throughput.worker.events_per_s", "throughput.faust_noop.events_per_s"),
+    # Past the framework's own ceiling: the worker against a no-op agent on stock Faust.
+    "worker_vs_stock_noop": ("throughput.worker.events_per_s", "throughput.faust_noop_stock.events_per_s"),
+    "noop_vs_stock_noop": ("throughput.faust_noop.events_per_s", "throughput.faust_noop_stock.events_per_s"),
     "worker_vs_bare": ("throughput.worker.events_per_s", "throughput.bare_aiokafka.events_per_s"),
     "noop_vs_bare": ("throughput.faust_noop.events_per_s", "throughput.bare_aiokafka.events_per_s"),
     "two_workers_vs_one": ("throughput.two_workers.events_per_s", "throughput.worker.events_per_s"),
@@ -69,6 +73,8 @@ RATIOS: dict[str, tuple[str, str]] = {
                                   "throughput.offline_score.events_per_s"),
     # The same comparisons per CPU-second the consumers burnt: steadier on a shared machine.
     "worker_vs_noop_per_cpu": ("throughput.worker.events_per_cpu_s", "throughput.faust_noop.events_per_cpu_s"),
+    "worker_vs_stock_noop_per_cpu": ("throughput.worker.events_per_cpu_s",
+                                     "throughput.faust_noop_stock.events_per_cpu_s"),
     "two_workers_vs_one_per_cpu": ("throughput.two_workers.events_per_cpu_s",
                                    "throughput.worker.events_per_cpu_s"),
 }
@@ -329,7 +335,7 @@ class Bench:
             n = 0
             first = None
             cpu = None
-            with tqdm(total=total, unit="ev", desc="1/4 bare aiokafka", disable=not self.progress,
+            with tqdm(total=total, unit="ev", desc="bare aiokafka", disable=not self.progress,
                       file=sys.stderr) as bar:
                 while n < total:
                     batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
@@ -412,14 +418,18 @@ class Bench:
             out["events_per_cpu_s"] = (total - c0) / out["cpu_s"]
         return out
 
-    def run_noop(self, broker: EmbeddedBroker, total: int) -> dict:
-        p = self.noop(broker).start()
+    def run_noop(self, broker: EmbeddedBroker, total: int, stock: bool = False) -> dict:
+        """The no-op agent: configured as the worker, or (``stock``) on Faust's own consumer and schema."""
+        extra = {"STORMGUARD_FAST_DRAIN": "false"} if stock else {}
+        p = self.noop(broker, **extra).start()
+        desc = "no-op Faust agent (stock Faust)" if stock else "no-op Faust agent (worker's consumer)"
         try:
             ready = p.wait_ready()
-            out = self.drain([p], noop_count, total, "2/4 no-op Faust agent", self.args.phase_timeout, interval=0.5)
+            out = self.drain([p], noop_count, total, desc, self.args.phase_timeout, interval=0.5)
         finally:
             p.stop()
         out["ready_s"] = ready
+        out["consumer"] = "stock Faust 0.15" if stock else "BatchDrainConsumer + RawSchema (as the worker)"
         return out
 
     def run_workers(self, broker: EmbeddedBroker, total: int, n: int, desc: str) -> dict:
@@ -693,9 +703,10 @@ class Bench:
         results["fill"] = self.fill(broker, records)
         total = len(records)
         tp["bare_aiokafka"] = self.bare_aiokafka(broker, total)
+        tp["faust_noop_stock"] = self.run_noop(broker, total, stock=True)
         tp["faust_noop"] = self.run_noop(broker, total)
-        tp["worker"] = self.run_workers(broker, total, 1, "3/4 Stormguard worker")
-        tp["two_workers"] = self.run_workers(broker, total, 2, "4/4 two Stormguard workers")
+        tp["worker"] = self.run_workers(broker, total, 1, "Stormguard worker")
+        tp["two_workers"] = self.run_workers(broker, total, 2, "two Stormguard workers")
         tp["worker_sinks_down"] = self.run_worker_with_sinks_down(broker, total)
         broker.stop()
 
@@ -824,7 +835,8 @@ def table(r: dict) -> str:
     m = r["machine"]
     rows = [
         ("bare aiokafka + JSON decode", tp["bare_aiokafka"]),
-        ("Faust no-op agent", tp["faust_noop"]),
+        ("Faust no-op agent, stock Faust", tp["faust_noop_stock"]),
+        ("Faust no-op agent, worker's consumer", tp["faust_noop"]),
         ("Stormguard worker (1)", tp["worker"]),
         ("Stormguard workers (2, same group)", tp["two_workers"]),
         ("worker, receivers down (deliver retrying)", tp["worker_sinks_down"]),

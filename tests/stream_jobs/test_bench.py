@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.live
 
-THROUGHPUT = ("bare_aiokafka", "faust_noop", "worker", "two_workers", "offline_score", "offline_score_cli")
+THROUGHPUT = ("bare_aiokafka", "faust_noop_stock", "faust_noop", "worker", "two_workers", "offline_score", "offline_score_cli")
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +46,13 @@ def test_every_throughput_figure_is_there_and_counts_every_event(results):
         assert row["events"] == n, name
         assert _positive(row["seconds"]) and _positive(row["events_per_s"]), (name, row)
     # Live consumers: rate is records timed over seconds timed.
-    for name in ("faust_noop", "worker", "two_workers"):
+    for name in ("faust_noop_stock", "faust_noop", "worker", "two_workers"):
         row = results["throughput"][name]
         assert 0 < row["timed_events"] <= n
         assert row["events_per_s"] == pytest.approx(row["timed_events"] / row["seconds"], rel=1e-9)
         assert sum(row["per_process"]) >= n  # every record was consumed (duplicates show as more)
     if sys.platform.startswith("linux"):  # CPU seconds of the consumer processes, from /proc
-        for name in ("faust_noop", "worker", "two_workers", "offline_score", "offline_score_cli"):
+        for name in ("faust_noop_stock", "faust_noop", "worker", "two_workers", "offline_score", "offline_score_cli"):
             row = results["throughput"][name]
             assert _positive(row["cpu_s"]) and row["events_per_cpu_s"] == pytest.approx(
                 (row.get("timed_events") or row["events"]) / row["cpu_s"], rel=1e-9), name

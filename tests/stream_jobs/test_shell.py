@@ -25,10 +25,18 @@ def test_policy_overrides_from_environment():
 
 @pytest.mark.parametrize("env, name", [({"STORMGUARD_MIN_REPLIES": "three"}, "STORMGUARD_MIN_REPLIES"),
                                        ({"STORMGUARD_COOLDOWN": "-1"}, "cooldown"),
-                                       ({"STORMGUARD_PARTITIONS": "0"}, "STORMGUARD_PARTITIONS")])
+                                       ({"STORMGUARD_PARTITIONS": "0"}, "STORMGUARD_PARTITIONS"),
+                                       ({"STORMGUARD_FAST_DRAIN": "maybe"}, "STORMGUARD_FAST_DRAIN"),
+                                       ({"STORMGUARD_MODEL_SAVE_MS": "-5"}, "STORMGUARD_MODEL_SAVE_MS")])
 def test_bad_settings_name_the_setting(env, name):
     with pytest.raises(SettingsError, match=name):
         WorkerSettings.from_env(env)
+
+
+def test_consumer_tuning_settings():
+    assert WorkerSettings.from_env({}).fast_drain is True
+    assert WorkerSettings.from_env({"STORMGUARD_FAST_DRAIN": "off"}).fast_drain is False
+    assert WorkerSettings.from_env({"STORMGUARD_MODEL_SAVE_MS": "0"}).model_save_ms == 0
 
 
 def test_secrets_come_from_env_or_file(tmp_path):

@@ -58,8 +58,12 @@ def urllib_get(url: str) -> str:
         return resp.read().decode()
 
 
-def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path):
-    """One decision path: `stormguard score` and the live worker agree action for action."""
+@pytest.mark.parametrize("fast_drain", ["true", "false"], ids=["batched-drain", "stock-faust-drain"])
+def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path, fast_drain):
+    """One decision path: `stormguard score` and the live worker agree action for action.
+
+    With the worker's batched drain (the default) and with Faust's own (``STORMGUARD_FAST_DRAIN=false``).
+    """
     events = background(300) + nhsmail_storm(T0 + 4000, replies=5)
     # A second storm whose first post is ordinary: a bulletin from its usual owner, then reply-alls.
     events += bulletin_storm(replies=5)
@@ -71,7 +75,7 @@ def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path
     offline_actions = [json.loads(l) for l in offline.stdout.splitlines()]
     assert [a["kind"] for a in offline_actions].count("freeze") == 2, offline_actions
 
-    start_worker(broker.url)
+    start_worker(broker.url, env={"STORMGUARD_FAST_DRAIN": fast_drain})
     produce_lines(broker.bootstrap, lines(events))
     live_actions = wait_for(lambda: (a := _actions(broker)) and len(a) >= len(offline_actions) and a)
     key = lambda a: (a["kind"], a["list"], a["message_id"], a["detector"], a["score"], a["action_id"])
