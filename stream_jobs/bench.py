@@ -492,18 +492,26 @@ class Bench:
         from detectors.engine import StormDetector, process_raw
         from stream_jobs.settings import policy_from_env
 
-        detector = StormDetector(policy_from_env({}))
-        actions = invalid = 0
-        cpu = time.process_time()
-        started = time.perf_counter()
-        for raw in records:
-            outcome = process_raw(detector, raw)
-            actions += len(outcome.actions)
-            invalid += outcome.error is not None
-        seconds = time.perf_counter() - started
-        cpu = time.process_time() - cpu
-        in_process = {"events": len(records), "seconds": seconds, "events_per_s": len(records) / seconds,
-                      "cpu_s": cpu, "events_per_cpu_s": len(records) / cpu, "actions": actions, "invalid": invalid}
+        # Three runs, each with a fresh detector; the best is reported (noise on a shared machine only
+        # ever adds time), every run is kept.
+        runs = []
+        for _ in range(3):
+            detector = StormDetector(policy_from_env({}))
+            actions = invalid = 0
+            cpu = time.process_time()
+            started = time.perf_counter()
+            for raw in records:
+                outcome = process_raw(detector, raw)
+                actions += len(outcome.actions)
+                invalid += outcome.error is not None
+            seconds = time.perf_counter() - started
+            cpu = time.process_time() - cpu
+            runs.append({"events": len(records), "seconds": seconds, "events_per_s": len(records) / seconds,
+                         "cpu_s": cpu, "events_per_cpu_s": len(records) / cpu, "actions": actions,
+                         "invalid": invalid})
+        in_process = dict(max(runs, key=lambda r: r["events_per_cpu_s"]))
+        in_process["runs_events_per_cpu_s"] = [r["events_per_cpu_s"] for r in runs]
+        in_process["of_runs"] = "best of 3 (each a fresh detector over every event)"
 
         path = self.tmp / "events.jsonl"
         path.write_bytes(b"\n".join(records) + b"\n")

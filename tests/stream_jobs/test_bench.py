@@ -17,7 +17,8 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.live
 
-THROUGHPUT = ("bare_aiokafka", "faust_noop_stock", "faust_noop", "worker", "two_workers", "offline_score", "offline_score_cli")
+LIVE = ("faust_noop_stock", "faust_noop", "worker", "two_workers")
+THROUGHPUT = ("bare_aiokafka", *LIVE, "offline_score", "offline_score_cli")
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +47,13 @@ def test_every_throughput_figure_is_there_and_counts_every_event(results):
         assert row["events"] == n, name
         assert _positive(row["seconds"]) and _positive(row["events_per_s"]), (name, row)
     # Live consumers: rate is records timed over seconds timed.
-    for name in ("faust_noop_stock", "faust_noop", "worker", "two_workers"):
+    for name in LIVE:
         row = results["throughput"][name]
         assert 0 < row["timed_events"] <= n
         assert row["events_per_s"] == pytest.approx(row["timed_events"] / row["seconds"], rel=1e-9)
         assert sum(row["per_process"]) >= n  # every record was consumed (duplicates show as more)
     if sys.platform.startswith("linux"):  # CPU seconds of the consumer processes, from /proc
-        for name in ("faust_noop_stock", "faust_noop", "worker", "two_workers", "offline_score", "offline_score_cli"):
+        for name in (*LIVE, "offline_score", "offline_score_cli"):
             row = results["throughput"][name]
             assert _positive(row["cpu_s"]) and row["events_per_cpu_s"] == pytest.approx(
                 (row.get("timed_events") or row["events"]) / row["cpu_s"], rel=1e-9), name
@@ -61,6 +62,11 @@ def test_every_throughput_figure_is_there_and_counts_every_event(results):
     assert len(results["throughput"]["two_workers"]["per_process"]) == 2
     assert _positive(results["throughput"]["worker"]["metrics_scrape_ms"])
     assert results["throughput"]["offline_score"]["invalid"] == 0
+    offline = results["throughput"]["offline_score"]
+    assert len(offline["runs_events_per_cpu_s"]) == 3
+    assert offline["events_per_cpu_s"] == max(offline["runs_events_per_cpu_s"])
+    # The framework's ceiling was measured twice: on stock Faust and on the worker's own consumer.
+    assert results["throughput"]["faust_noop_stock"]["consumer"] != results["throughput"]["faust_noop"]["consumer"]
     # The CLI and the in-process detector took the same decisions on the same records.
     assert results["throughput"]["offline_score_cli"]["actions"] == results["throughput"]["offline_score"]["actions"]
     assert lookup(results, "throughput.worker.events_per_s") == results["throughput"]["worker"]["events_per_s"]
