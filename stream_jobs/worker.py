@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hmac
 import logging
 import pickle
@@ -161,6 +162,31 @@ async def _on_revoked(sender: Any = None, *args: Any, **kwargs: Any) -> None:
     _save_models()
 
 
+#: Freezes between two full collections of everything (about an hour at the default interval).
+GC_RECLAIM_EVERY = max(1, round(3600 / settings.gc_freeze_s)) if settings.gc_freeze_s else 0
+_gc_freezes = 0
+
+
+async def _freeze_heap() -> None:
+    """Keep Python's full collections short: they scan only what was allocated since the last freeze.
+
+    The detector's state (a model per sender and per list) is long-lived and has no reference
+    cycles: it is freed by reference counting when evicted, frozen or not. What a freeze can
+    strand is other cyclic garbage alive at that instant, so once an hour everything is
+    unfrozen and collected.
+    """
+    global _gc_freezes
+    _gc_freezes += 1
+    if _gc_freezes % GC_RECLAIM_EVERY == 0:
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
+
+
+if settings.gc_freeze_s:
+    app.timer(settings.gc_freeze_s)(_freeze_heap)
+
+
 @app.timer(1.0)
 async def observe_consumer() -> None:
     metrics.observe_consumer(app)
@@ -170,6 +196,9 @@ async def observe_consumer() -> None:
 async def _on_ready(sender: Any = None, **kwargs: Any) -> None:
     # Partitions a dead worker held are ours now: adopt the lists it knew.
     _restore_state()
+    if settings.gc_freeze_s:
+        gc.collect()  # once, at start-up: what imports and restoring left behind
+        gc.freeze()
     _ready.set()
 
 

@@ -27,7 +27,8 @@ def test_policy_overrides_from_environment():
                                        ({"STORMGUARD_COOLDOWN": "-1"}, "cooldown"),
                                        ({"STORMGUARD_PARTITIONS": "0"}, "STORMGUARD_PARTITIONS"),
                                        ({"STORMGUARD_FAST_DRAIN": "maybe"}, "STORMGUARD_FAST_DRAIN"),
-                                       ({"STORMGUARD_MODEL_SAVE_MS": "-5"}, "STORMGUARD_MODEL_SAVE_MS")])
+                                       ({"STORMGUARD_MODEL_SAVE_MS": "-5"}, "STORMGUARD_MODEL_SAVE_MS"),
+                                       ({"STORMGUARD_GC_FREEZE_S": "-1"}, "STORMGUARD_GC_FREEZE_S")])
 def test_bad_settings_name_the_setting(env, name):
     with pytest.raises(SettingsError, match=name):
         WorkerSettings.from_env(env)

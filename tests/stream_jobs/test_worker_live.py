@@ -82,6 +82,29 @@ def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path
     assert [key(a) for a in live_actions] == [key(a) for a in offline_actions]
 
 
+def test_list_models_reach_the_changelog_once_traffic_stops(broker, start_worker):
+    """No record comes after the last post: the save timer, not the next batch, writes the model."""
+    import pickle
+
+    worker = start_worker(broker.url, env={"STORMGUARD_MODEL_SAVE_MS": "2000"})
+    posts = [{"message_id": f"team{i}", "timestamp": T0 + 60 * i, "sender": f"u{i % 3}@nhs.net",
+              "recipients": ["team@nhs.net"], "lists": {"team@nhs.net": 12}, "subject": f"note {i}"}
+             for i in range(7)]
+    # The first batch is saved at once (nothing saved yet); the last post lands well inside the
+    # next 2 s, so only the timer can save it.
+    produce_lines(broker.bootstrap, lines(posts[:6]))
+    wait_for(lambda: worker.get("/healthz").get("records", 0) >= 6)
+    produce_lines(broker.bootstrap, lines(posts[6:]))
+    wait_for(lambda: worker.get("/healthz").get("records", 0) >= 7)
+
+    def saved() -> list:  # raw bytes on the wire: the pickle itself
+        return [pickle.loads(r.value) for r in read_topic(broker.bootstrap, f"{worker.app_id}-list_models-changelog")
+                if r.key == b'"team@nhs.net"']
+
+    states = wait_for(lambda: (s := saved()) and s[-1].posts == 7 and s, timeout=15, what="the 7th post saved")
+    assert all(state.address == "team@nhs.net" for state in states)
+
+
 def test_restart_keeps_every_freeze(broker, start_worker):
     worker = start_worker(broker.url)
     produce_lines(broker.bootstrap, lines(background() + nhsmail_storm(T0 + 3000, replies=2)))
