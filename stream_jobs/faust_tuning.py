@@ -125,12 +125,41 @@ class BatchDrainTransport(_faust_aiokafka.Transport):
     Consumer = BatchDrainConsumer
 
 
+def _cheap_ebb_check(buffer) -> None:
+    """Faust waits for the producer buffer to ebb before each record; ask its queue length directly.
+
+    ``ProducerBuffer.wait_until_ebb`` computes ``size`` through ``app.conf`` (a registry lookup)
+    for every record; this answers the common case, a buffer below ``max_messages``, from the
+    queue itself and leaves the rest to Faust's own method.
+    """
+    full_wait = buffer.wait_until_ebb
+    pending = buffer.pending
+    limit = buffer.max_messages
+
+    async def wait_until_ebb() -> None:
+        if pending.qsize() > limit:
+            await full_wait()
+
+    buffer.wait_until_ebb = wait_until_ebb
+
+
 class StormguardApp(faust.App):
-    """``faust.App`` whose Kafka consumer delivers fetched batches in one task (see the module doc)."""
+    """``faust.App`` whose Kafka consumer delivers fetched batches in one task (see the module doc).
+
+    With ``fast_drain`` it also checks the producer buffer, which Faust does
+    before every record, without reading two settings through Faust's settings
+    registry each time (:func:`_cheap_ebb_check`).
+    """
 
     def __init__(self, *args: Any, fast_drain: bool = True, **kwargs: Any) -> None:
         self.fast_drain = fast_drain
         super().__init__(*args, **kwargs)
+
+    def _new_producer(self):
+        producer = super()._new_producer()
+        if self.fast_drain and not self.conf.producer_threaded:
+            _cheap_ebb_check(producer.buffer)
+        return producer
 
     def _new_transport(self):
         url = self.conf.broker_consumer[0]
@@ -158,9 +187,9 @@ class RawSchema(faust.Schema):
         super().__init__(**kwargs)
 
     def compile(self, app, *, on_key_decode_error=None, on_value_decode_error=None, default_propagate=False):
-        create_event = app.create_event
+        event_class = app.conf.Event  # what app.create_event looks up in the settings for every record
 
         async def decode(message, *, propagate: bool = default_propagate):
-            return create_event(message.key, message.value, message.headers, message)
+            return event_class(app, message.key, message.value, message.headers, message)
 
         return decode

@@ -30,7 +30,7 @@ import weakref
 from typing import Iterable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -113,16 +113,40 @@ class RecordHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
 
 
+class RecordCounter(Collector):
+    """A counter bumped once per record: ``inc`` is one addition (see :class:`RecordHistogram`).
+
+    >>> r = CollectorRegistry()
+    >>> c = RecordCounter("demo_events", "Demo", registry=r)
+    >>> c.inc(); c.inc(41)
+    >>> r.get_sample_value("demo_events_total")
+    42.0
+    """
+
+    def __init__(self, name: str, documentation: str, registry: Optional[CollectorRegistry] = None):
+        self.name = name
+        self.documentation = documentation
+        self.value = 0.0
+        if registry is not None:
+            registry.register(self)
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
+
+
 # -- traffic ------------------------------------------------------------------------------------
-EVENTS_PROCESSED = Counter("stormguard_events_processed", "Events scored by the detectors (valid records)",
-                           registry=REGISTRY)
+EVENTS_PROCESSED = RecordCounter("stormguard_events_processed", "Events scored by the detectors (valid records)",
+                                 registry=REGISTRY)
 EVENTS_INVALID = Counter("stormguard_events_invalid",
                          "Records dead-lettered to mail.events.dlq, by folded reason", ["reason"],
                          registry=REGISTRY)
-DELIVERIES = Counter("stormguard_deliveries",
-                     "Mailbox deliveries of the scored events (after list expansion)", registry=REGISTRY)
-REPLIES = Counter("stormguard_list_replies",
-                  "Scored events that are replies to at least one list (reply-alls)", registry=REGISTRY)
+DELIVERIES = RecordCounter("stormguard_deliveries",
+                           "Mailbox deliveries of the scored events (after list expansion)", registry=REGISTRY)
+REPLIES = RecordCounter("stormguard_list_replies",
+                        "Scored events that are replies to at least one list (reply-alls)", registry=REGISTRY)
 
 # -- decisions ------------------------------------------------------------------------------------
 ACTIONS = Counter("stormguard_actions", "Actions published to stormguard.actions", ["kind", "detector"],
