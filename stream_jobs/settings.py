@@ -88,7 +88,7 @@ class WorkerSettings:
     fetch_max_wait_ms: int = 30
     fast_drain: bool = True
     model_save_ms: int = 500
-    gc_freeze_s: float = 30.0
+    gc_freeze_s: float = 5.0
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     sasl_mechanism: Optional[str] = None
@@ -248,10 +248,10 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
     ("STORMGUARD_MODEL_SAVE_MS", "500", "how often, in milliseconds, changed list models are written to the "
      "`list_models` changelog (freezes are written at once); 0 writes them after every batch. A crash can "
      "lose up to this much model learning, never a freeze"),
-    ("STORMGUARD_GC_FREEZE_S", "30", "every this many seconds the worker moves what survived into Python's "
-     "permanent GC generation (`gc.freeze`), so full collections scan only newer objects: they took 70-180 ms "
-     "with a day of learned state and set the tail latency. Once an hour everything is unfrozen and collected "
-     "(one such pause an hour). 0: Python's default collector"),
+    ("STORMGUARD_GC_FREEZE_S", "5", "every this many seconds the worker moves what survived into Python's "
+     "permanent GC generation (`gc.freeze`), so full collections scan only newer objects: with a day of "
+     "learned state they took 50-180 ms and set the tail latency. Once an hour everything is unfrozen and "
+     "collected (one such pause an hour). 0: Python's default collector"),
     ("STORMGUARD_LOG_LEVEL", "warn", "worker log level: crit, error, warn, info, debug"),
     ("STORMGUARD_ADMIN_TOKEN (or _FILE)", "unset", "bearer token for `POST /api/lists/{address}/freeze|unfreeze`; "
      "unset, those endpoints answer 403"),

@@ -66,14 +66,15 @@ _META_KEY = "__stormguard_meta__"
 BATCH_MAX = 500
 BATCH_WITHIN = 0.01
 
-#: Lists whose model changed since the last save, each with the last record that changed it.
+#: How long a changed list model may wait before it is written to the changelog (seconds).
 MODEL_SAVE_S = settings.model_save_ms / 1000.0
 
 detector = StormDetector(settings.policy)
 _ready = asyncio.Event()
-_unsaved: dict[str, Any] = {}
+#: Lists whose model changed since it was last saved: the last record that changed it, and when
+#: (monotonic) the first unsaved change came. Oldest first, so saves are spread over the batches.
+_unsaved: dict[str, tuple[Any, float]] = {}
 _records_consumed = 0
-_last_save = 0.0
 _pending_commands: dict[str, asyncio.Future] = {}
 _status_encoder = msgspec.json.Encoder()
 
@@ -83,18 +84,20 @@ _status_encoder = msgspec.json.Encoder()
 async def score(stream):
     """Score every submitted message; publish what the detectors decide.
 
-    Records are taken in small batches so that a busy list's model is written
-    to its changelog once per ``STORMGUARD_MODEL_SAVE_MS``, not once per record
-    (pickling and producing a busy list's model was the worker's biggest cost
-    during a storm). Decisions are unchanged: records still reach the detector
-    one at a time, in partition order, and every action, freezes included, is
-    published as soon as its record is scored.
+    A changed list's model is written to its changelog once it has waited
+    ``STORMGUARD_MODEL_SAVE_MS``, not once per record (pickling and producing a
+    busy list's model was the worker's biggest cost during a storm); each batch
+    saves only the lists whose wait is over, so the saves are spread out
+    instead of stalling the loop every interval. Decisions are unchanged:
+    records still reach the detector one at a time, in partition order, and
+    every action, freezes included, is published as soon as its record is scored.
     """
     global _records_consumed
     _restore_state()
     try:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
             _records_consumed += len(events)
+            now = time.monotonic()
             for event in events:
                 # Tables partition their changelog by the record being processed.
                 _current_event.set(weakref.ref(event))
@@ -106,13 +109,13 @@ async def score(stream):
                     await _dead_letter(event, outcome.error)
                 else:
                     for address in outcome.event.lists:
-                        _unsaved[address] = event
+                        waiting = _unsaved.get(address)
+                        _unsaved[address] = (event, now if waiting is None else waiting[1])
                 for action in outcome.actions:
                     await _publish(action)
                 metrics.observe_event(detector, outcome, _record_time(event))
             _current_event.set(None)
-            if time.monotonic() - _last_save >= MODEL_SAVE_S:
-                _save_models()
+            _save_models(changed_before=time.monotonic() - MODEL_SAVE_S)
     finally:
         try:
             _save_models()  # stopping or restarting: what was learned is kept
@@ -146,12 +149,12 @@ async def operate(stream):
             future.set_result((action, error))
 
 
-@app.timer(max(MODEL_SAVE_S, 0.05))
+@app.timer(max(MODEL_SAVE_S / 2, 0.05))
 async def save_idle_models() -> None:
     """Traffic stopped: save what the last batches taught, without waiting for the next record."""
-    if _unsaved and time.monotonic() - _last_save >= MODEL_SAVE_S:
+    if _unsaved:
         try:
-            _save_models()
+            _save_models(changed_before=time.monotonic() - MODEL_SAVE_S)
         except Exception as exc:  # kept in _unsaved: the next tick or batch tries again
             log.warning("could not save %d list model(s): %r", len(_unsaved), exc)
 
@@ -233,24 +236,32 @@ def _record_time(event) -> Optional[float]:
     return float(ts) if ts else None
 
 
-def _save_models() -> None:
-    """Write each changed list model once, partitioned by the last record that changed it."""
-    global _last_save
-    _last_save = time.monotonic()
+def _save_models(changed_before: Optional[float] = None) -> None:
+    """Write changed list models, oldest change first, each partitioned by the last record that changed it.
+
+    With ``changed_before`` (a monotonic time), only the lists whose first unsaved change is
+    older; without, all of them.
+    """
     if not _unsaved:
         return
     previous = _current_event.get(None)
+    last_saved = None  # held here: the table write below needs its record alive (a weak reference)
     try:
         while _unsaved:
-            address, event = next(iter(_unsaved.items()))
+            address, (event, since) = next(iter(_unsaved.items()))
+            if changed_before is not None and since > changed_before:
+                break
             state = detector.lists.get(address)
             _current_event.set(weakref.ref(event))
             if state is not None:
                 list_models[address] = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
             del _unsaved[address]
-        list_models[_META_KEY] = msgspec.json.encode({"events_seen": detector.events_seen,
-                                                      "watermark": detector.watermark,
-                                                      "largest_list": detector.largest_list})
+            last_saved = event
+        if last_saved is not None:
+            _current_event.set(weakref.ref(last_saved))
+            list_models[_META_KEY] = msgspec.json.encode({"events_seen": detector.events_seen,
+                                                          "watermark": detector.watermark,
+                                                          "largest_list": detector.largest_list})
     finally:
         _current_event.set(previous)
 

@@ -90,8 +90,8 @@ def test_list_models_reach_the_changelog_once_traffic_stops(broker, start_worker
     posts = [{"message_id": f"team{i}", "timestamp": T0 + 60 * i, "sender": f"u{i % 3}@nhs.net",
               "recipients": ["team@nhs.net"], "lists": {"team@nhs.net": 12}, "subject": f"note {i}"}
              for i in range(7)]
-    # The first batch is saved at once (nothing saved yet); the last post lands well inside the
-    # next 2 s, so only the timer can save it.
+    # A batch saves only models that have waited 2 s; no batch comes after the last post,
+    # so only the timer can save it.
     produce_lines(broker.bootstrap, lines(posts[:6]))
     wait_for(lambda: worker.get("/healthz").get("records", 0) >= 6)
     produce_lines(broker.bootstrap, lines(posts[6:]))
