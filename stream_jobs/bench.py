@@ -214,18 +214,8 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def scraped_count(url: str) -> int:
-    """Records a worker has consumed: processed + dead-lettered, from its ``/metrics``."""
-    _, body = _get(url + "/metrics")
-    total = 0.0
-    for line in body.decode().splitlines():
-        if line.startswith("stormguard_events_processed_total ") or line.startswith("stormguard_events_invalid_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
-
-
 def worker_count(url: str) -> int:
-    """Records a worker has consumed, from ``/healthz`` (as cheap to ask as the no-op's ``/count``)."""
+    """Records a worker has scored or dead-lettered, from ``/healthz`` (as cheap as the no-op's ``/count``)."""
     _, body = _get(url + "/healthz")
     return int(json.loads(body).get("records", 0))
 
@@ -444,7 +434,7 @@ class Bench:
             # What one poll costs the worker it measures (it is idle now): the scrape renders every series.
             started = time.perf_counter()
             for _ in range(10):
-                scraped_count(procs[0].url)
+                _get(procs[0].url + "/metrics")
             out["metrics_scrape_ms"] = (time.perf_counter() - started) * 100.0
         finally:
             for p in procs:
@@ -597,7 +587,7 @@ class Bench:
         start = time.monotonic()
         produced = 0
         next_storm = start + 1.0
-        base_before = scraped_count(worker.url)
+        base_before = worker_count(worker.url)
         k = 0
         with tqdm(total=int(seconds), unit="s", desc=f"latency @ {rate:.0f} ev/s", disable=not self.progress,
                   file=sys.stderr) as bar:
@@ -653,12 +643,12 @@ class Bench:
             produced += 1
         producer.flush()
         sent_seconds = time.monotonic() - start
-        backlog = produced - (scraped_count(worker.url) - base_before)
+        backlog = produced - (worker_count(worker.url) - base_before)
         # Wait for the worker to catch up and for the last freezes to show.
         deadline = time.monotonic() + 120
-        consumed = scraped_count(worker.url) - base_before
+        consumed = worker_count(worker.url) - base_before
         while time.monotonic() < deadline:
-            consumed = scraped_count(worker.url) - base_before
+            consumed = worker_count(worker.url) - base_before
             if consumed >= produced:
                 time.sleep(0.5)  # the last actions are published after the last record is counted
                 break
@@ -737,7 +727,7 @@ class Bench:
         worker = self.worker(live, STORMGUARD_MAX_FREEZES_PER_HOUR="1000000").start()
         worker.wait_ready()
         deadline = time.monotonic() + a.phase_timeout
-        while scraped_count(worker.url) < len(history):
+        while worker_count(worker.url) < len(history):
             if time.monotonic() > deadline or worker.proc.poll() is not None:
                 raise RuntimeError(f"the latency worker did not read its history:\n{worker.tail()}")
             time.sleep(0.2)

@@ -21,16 +21,14 @@ from typing import Any
 
 import faust
 
-from stream_jobs.faust_tuning import RawSchema, StormguardApp, shorten_fetch_long_poll
-
+from stream_jobs.faust_tuning import RawSchema, StormguardApp
 from stream_jobs.settings import EVENTS_TOPIC, WorkerSettings
 
 settings = WorkerSettings.from_env()
 MODE = os.environ.get("STORMGUARD_BENCH_NOOP_MODE", "events")
 
-shorten_fetch_long_poll(settings.fetch_max_wait_ms)
 # Configured as the worker is; STORMGUARD_FAST_DRAIN=false gives stock Faust (the framework's own ceiling).
-app = StormguardApp(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options())
+app = StormguardApp.from_settings(settings)
 
 _raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions,

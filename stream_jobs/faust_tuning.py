@@ -155,6 +155,13 @@ class StormguardApp(faust.App):
         self.fast_drain = fast_drain
         super().__init__(*args, **kwargs)
 
+    @classmethod
+    def from_settings(cls, settings) -> "StormguardApp":
+        """The app as the worker runs it, from :class:`stream_jobs.settings.WorkerSettings`
+        (the bench's no-op agent is built the same way, so like is compared with like)."""
+        shorten_fetch_long_poll(settings.fetch_max_wait_ms)
+        return cls(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options())
+
     def _new_producer(self):
         producer = super()._new_producer()
         if self.fast_drain and not self.conf.producer_threaded:

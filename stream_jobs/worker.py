@@ -19,8 +19,8 @@ import logging
 import pickle
 import time
 import uuid
-from time import perf_counter
 import weakref
+from time import perf_counter
 from typing import Any, Optional
 
 import faust
@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from detectors.engine import ListStatus, StormDetector, process_raw
 from detectors.policy import Action, encode_action
 from stream_jobs import metrics
-from stream_jobs.faust_tuning import RawSchema, StormguardApp, shorten_fetch_long_poll
+from stream_jobs.faust_tuning import RawSchema, StormguardApp
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
                                   WorkerSettings, secret)
 
@@ -40,9 +40,7 @@ log = logging.getLogger("stormguard.worker")
 settings = WorkerSettings.from_env()
 
 
-shorten_fetch_long_poll(settings.fetch_max_wait_ms)
-
-app = StormguardApp(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options())
+app = StormguardApp.from_settings(settings)
 
 # Bytes on the wire both ways: the detectors decode events themselves (msgspec).
 events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, schema=RawSchema())
@@ -96,7 +94,6 @@ async def score(stream):
     _restore_state()
     try:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
-            _records_consumed += len(events)
             now = time.monotonic()
             for event in events:
                 # Tables partition their changelog by the record being processed.
@@ -114,6 +111,7 @@ async def score(stream):
                 for action in outcome.actions:
                     await _publish(action)
                 metrics.observe_event(detector, outcome, _record_time(event))
+            _records_consumed += len(events)  # scored or dead-lettered, as the metrics count them
             _current_event.set(None)
             _save_models(changed_before=time.monotonic() - MODEL_SAVE_S)
     finally:
