@@ -118,6 +118,8 @@ def parse_event(raw: bytes | str) -> MailEvent:
         raise InvalidEvent(str(exc)) from None
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"not UTF-8: {exc.reason} at byte {exc.start}") from None
+    if type(event.timestamp) is float:  # epoch seconds: the schema has checked the range already
+        return event
     ts = event.event_time
     if not math.isfinite(ts) or not 0.0 <= ts <= MAX_EPOCH_SECONDS:
         raise InvalidEvent(f"timestamp {ts!r} is outside 1970..2100 (milliseconds sent as seconds?)")
