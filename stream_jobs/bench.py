@@ -11,7 +11,8 @@ keys), read from its start by:
 
 Then: offline scoring (in-process :class:`~detectors.engine.StormDetector`
 and the ``stormguard score`` CLI) over the same records; produce→freeze
-latency while background traffic flows (on a second, fresh broker); worker
+latency while background traffic flows (on a second, fresh broker; the background
+is sent by :mod:`stream_jobs.bench_load`, a process of its own, as gateways send it); worker
 start-up to ``/healthz`` 200; bytes of detector state per sender and per list.
 
 The machine is shared, so the figures that matter are the *ratios* of
@@ -27,7 +28,6 @@ import argparse
 import asyncio
 import datetime as _dt
 import gc
-import itertools
 import json
 import math
 import os
@@ -539,6 +539,9 @@ class Bench:
                 storm_every: float, replies: int = 5) -> dict:
         """Background traffic at ``rate`` events/s; a storm on a fresh list every ``storm_every`` s.
 
+        The background comes from :mod:`stream_jobs.bench_load`, in its own process; this one
+        sends only the storms and reads the freezes.
+
         Each storm is a 50,000-member list never seen before, a root post from a sender never
         seen before, then (0.25 s later, 50 ms apart) ``replies`` reply-alls from different
         people. Latency is from just before the ``send()`` of the message the freeze names
@@ -578,71 +581,76 @@ class Bench:
         reader.start()
         producer = make_producer(broker.url)
         enc = msgspec.json.Encoder()
-        # Generated before the clock starts: the bench's own Python should not take the CPU it measures.
-        background = iter(list(itertools.islice(
-            realistic_events(10**9, seed=4242, end_time=time.time() + 3600 * 24 * 365, span=1.0, storms=0),
-            int(rate * seconds) + 1000)))
-        storms: list[tuple[str, list[str]]] = []  # (list, reply-all ids in order)
-        pending: list[tuple[float, dict]] = []  # (due, event): storm messages, in due order
-        start = time.monotonic()
-        produced = 0
-        next_storm = start + 1.0
-        base_before = worker_count(worker.url)
-        k = 0
-        with tqdm(total=int(seconds), unit="s", desc=f"latency @ {rate:.0f} ev/s", disable=not self.progress,
-                  file=sys.stderr) as bar:
-            shown = 0
-            while True:
-                now = time.monotonic()
-                elapsed = now - start
-                if elapsed >= seconds:
-                    break
-                if int(elapsed) > shown:
-                    bar.update(int(elapsed) - shown)
-                    shown = int(elapsed)
-                if now >= next_storm:
-                    next_storm += storm_every
-                    k += 1
-                    address = f"storm{k}-{uuid.uuid4().hex[:6]}@bench.nhs.net"
-                    root = f"<storm{k}.root.{uuid.uuid4().hex[:6]}@bench>"
-                    lists = {address: 50_000}
-                    pending.append((now, {"message_id": root, "sender": f"tester{k}@bench-new.nhs.net",
-                                          "recipients": [address], "lists": lists, "subject": f"test {k}"}))
-                    ids = []
-                    for j in range(replies):
-                        mid = f"<storm{k}.reply{j}.{uuid.uuid4().hex[:6]}@bench>"
-                        ids.append(mid)
-                        pending.append((now + 0.25 + 0.05 * j, {
-                            "message_id": mid, "sender": f"p{900_000 + 10 * k + j}@bench.nhs.net",
-                            "recipients": [address], "lists": lists, "in_reply_to": root,
-                            "subject": f"RE: test {k} - {_STORM_REPLIES[j % len(_STORM_REPLIES)]}"}))
-                    storms.append((address, ids))
-                    pending.sort(key=lambda item: item[0])
-                while pending and pending[0][0] <= now:
-                    _, ev = pending.pop(0)
-                    ev["timestamp"] = round(time.time(), 3)
-                    raw = enc.encode(ev)
-                    sent[ev["message_id"]] = time.time()
-                    producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
-                    produced += 1
-                due = start + produced / rate
-                if due > now:
-                    time.sleep(min(due - now, 0.002))
-                    continue
-                ev = next(background)
+        # The background comes from its own process, as real traffic comes from the gateways:
+        # this process only sends the storms and reads the freezes, so its clock readings are prompt.
+        load = subprocess.Popen([sys.executable, "-m", "stream_jobs.bench_load", broker.url, str(rate), str(seconds),
+                                 "4242"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            if load.stdout.readline().strip() != "ready":
+                raise RuntimeError("the background traffic generator did not start")
+            storms: list[tuple[str, list[str]]] = []  # (list, reply-all ids in order)
+            pending: list[tuple[float, dict]] = []  # (due, event): storm messages, in due order
+            base_before = worker_count(worker.url)
+            load.stdin.write("go\n")
+            load.stdin.flush()
+            start = time.monotonic()
+            probes = 0
+            next_storm = start + 1.0
+            k = 0
+            with tqdm(total=int(seconds), unit="s", desc=f"latency @ {rate:.0f} ev/s", disable=not self.progress,
+                      file=sys.stderr) as bar:
+                shown = 0
+                while True:
+                    now = time.monotonic()
+                    elapsed = now - start
+                    if elapsed >= seconds:
+                        break
+                    if int(elapsed) > shown:
+                        bar.update(int(elapsed) - shown)
+                        shown = int(elapsed)
+                    if now >= next_storm:
+                        next_storm += storm_every
+                        k += 1
+                        address = f"storm{k}-{uuid.uuid4().hex[:6]}@bench.nhs.net"
+                        root = f"<storm{k}.root.{uuid.uuid4().hex[:6]}@bench>"
+                        lists = {address: 50_000}
+                        pending.append((now, {"message_id": root, "sender": f"tester{k}@bench-new.nhs.net",
+                                              "recipients": [address], "lists": lists, "subject": f"test {k}"}))
+                        ids = []
+                        for j in range(replies):
+                            mid = f"<storm{k}.reply{j}.{uuid.uuid4().hex[:6]}@bench>"
+                            ids.append(mid)
+                            pending.append((now + 0.25 + 0.05 * j, {
+                                "message_id": mid, "sender": f"p{900_000 + 10 * k + j}@bench.nhs.net",
+                                "recipients": [address], "lists": lists, "in_reply_to": root,
+                                "subject": f"RE: test {k} - {_STORM_REPLIES[j % len(_STORM_REPLIES)]}"}))
+                        storms.append((address, ids))
+                        pending.sort(key=lambda item: item[0])
+                    while pending and pending[0][0] <= now:
+                        _, ev = pending.pop(0)
+                        ev["timestamp"] = round(time.time(), 3)
+                        raw = enc.encode(ev)
+                        sent[ev["message_id"]] = time.time()
+                        producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
+                        probes += 1
+                    wake = min(next_storm, pending[0][0] if pending else next_storm, start + seconds)
+                    time.sleep(max(0.0, min(wake - time.monotonic(), 0.05)))
+                bar.update(int(seconds) - shown)
+            for _, ev in pending:  # storm messages still due: send them, so every storm is complete
                 ev["timestamp"] = round(time.time(), 3)
                 raw = enc.encode(ev)
+                sent[ev["message_id"]] = time.time()
                 producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
-                produced += 1
-            bar.update(int(seconds) - shown)
-        for _, ev in pending:  # storm messages still due: send them, so every storm is complete
-            ev["timestamp"] = round(time.time(), 3)
-            raw = enc.encode(ev)
-            sent[ev["message_id"]] = time.time()
-            producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
-            produced += 1
-        producer.flush()
-        sent_seconds = time.monotonic() - start
+                probes += 1
+            producer.flush()
+            out, _ = load.communicate(timeout=120)
+            background = json.loads(out.strip().splitlines()[-1])
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+        produced = background["produced"] + probes
+        sent_seconds = max(time.monotonic() - start, background["seconds"])
         backlog = produced - (worker_count(worker.url) - base_before)
         # Wait for the worker to catch up and for the last freezes to show.
         deadline = time.monotonic() + 120
@@ -675,7 +683,8 @@ class Bench:
             "samples_ms": [round(v, 2) for v in visible],
             "frozen_on_reply": {str(i): nth.count(i) for i in sorted(set(nth))},
             "what": "send() of the message a freeze names to that freeze read from stormguard.actions; "
-                    "producer linger 5 ms (as replay), actions consumer fetch wait 5 ms; "
+                    "storm producer linger 5 ms (as replay), actions consumer fetch wait 5 ms; background "
+                    "from its own process (stream_jobs.bench_load, aiokafka, linger 5 ms); "
                     "publish_* use the action record's own timestamp instead of the read time",
         }
 

@@ -115,3 +115,36 @@ def test_startup_and_memory_figures(results):
     m = results["machine"]
     assert m["cpus"] >= 1 and m["python"] and m["cpu_model"] is not None
     assert _positive(results["duration_s"])
+
+
+@pytest.mark.timeout(120)
+def test_background_generator_sends_valid_events_where_replay_would(broker):
+    """``stream_jobs.bench_load`` (the latency phase's background): valid events, at about the
+    asked count, each on the partition kafka-python (``stormguard replay``) would choose."""
+    from kafka.partitioner.default import murmur2
+
+    from detectors.events import parse_event
+    from stream_jobs.replay import routing_key
+    from stream_jobs.serve import ensure_topics
+    from tests.conftest import read_topic
+
+    ensure_topics(broker.url, 4)
+    load = subprocess.Popen([sys.executable, "-m", "stream_jobs.bench_load", broker.url, "400", "1.0", "7"],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert load.stdout.readline().strip() == "ready"
+    out, _ = load.communicate("go\n", timeout=60)
+    report = json.loads(out.strip().splitlines()[-1])
+    assert load.returncode == 0 and 0 < report["produced"] <= 400 + 1 and report["seconds"] >= 1.0
+    records = read_topic(broker.bootstrap, "mail.events", timeout=15,
+                         until=lambda rs: len(rs) >= report["produced"])
+    assert len(records) == report["produced"]
+    for r in records:
+        parse_event(r.value)  # raises on anything outside the event contract
+        assert r.key == routing_key(r.value)
+        assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 4  # Kafka's default partitioner
+
+
+def test_background_generator_says_how_to_call_it():
+    done = subprocess.run([sys.executable, "-m", "stream_jobs.bench_load", "kafka://127.0.0.1:9"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: python -m stream_jobs.bench_load" in done.stderr
