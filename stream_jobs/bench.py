@@ -54,6 +54,12 @@ from stream_jobs.processes import ChildProcess
 from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
 
 ROOT = Path(__file__).resolve().parents[1]
+#: How long the latency phase's background producer batches records (ms). The embedded broker
+#: (Tansu, memory storage) walks a partition's batches on every fetch, so its fetches slow down as
+#: the topic gathers batches: with 5 ms batches at 2,000 events/s, a plain aiokafka consumer's
+#: produce-to-read p50 went from 9 to 86 ms within 60 s, with no worker running; with 50 ms
+#: batches it stayed at 8-10 ms. A real Kafka indexes offsets and has no such drift.
+BACKGROUND_LINGER_MS = 50
 PY = sys.executable
 SCHEMA = 1
 
@@ -584,7 +590,8 @@ class Bench:
         # The background comes from its own process, as real traffic comes from the gateways:
         # this process only sends the storms and reads the freezes, so its clock readings are prompt.
         load = subprocess.Popen([sys.executable, "-m", "stream_jobs.bench_load", broker.url, str(rate), str(seconds),
-                                 "4242"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                                 "4242", str(BACKGROUND_LINGER_MS)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
             if load.stdout.readline().strip() != "ready":
                 raise RuntimeError("the background traffic generator did not start")
@@ -684,7 +691,7 @@ class Bench:
             "frozen_on_reply": {str(i): nth.count(i) for i in sorted(set(nth))},
             "what": "send() of the message a freeze names to that freeze read from stormguard.actions; "
                     "storm producer linger 5 ms (as replay), actions consumer fetch wait 5 ms; background "
-                    "from its own process (stream_jobs.bench_load, aiokafka, linger 5 ms); "
+                    f"from its own process (stream_jobs.bench_load, aiokafka, linger {BACKGROUND_LINGER_MS} ms); "
                     "publish_* use the action record's own timestamp instead of the read time",
         }
 

@@ -24,7 +24,7 @@ import time
 import msgspec
 
 
-async def send_background(broker: str, rate: float, seconds: float, seed: int) -> dict:
+async def send_background(broker: str, rate: float, seconds: float, seed: int, linger_ms: int = 5) -> dict:
     """Send ``rate`` events/s of realistic background mail for ``seconds``; say how many went.
 
     aiokafka (already inside Faust) rather than kafka-python: it costs about a third of the
@@ -38,7 +38,7 @@ async def send_background(broker: str, rate: float, seconds: float, seed: int) -
     from stream_jobs.replay import bootstrap_servers, routing_key
     from stream_jobs.settings import EVENTS_TOPIC
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(broker), linger_ms=5, acks=1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(broker), linger_ms=linger_ms, acks=1)
     await producer.start()
     try:
         enc = msgspec.json.Encoder()
@@ -69,11 +69,12 @@ async def send_background(broker: str, rate: float, seconds: float, seed: int) -
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 4:
-        print("usage: python -m stream_jobs.bench_load BROKER RATE SECONDS SEED", file=sys.stderr)
+    if len(args) not in (4, 5):
+        print("usage: python -m stream_jobs.bench_load BROKER RATE SECONDS SEED [LINGER_MS]", file=sys.stderr)
         return 2
     broker, rate, seconds, seed = args[0], float(args[1]), float(args[2]), int(args[3])
-    print(json.dumps(asyncio.run(send_background(broker, rate, seconds, seed))), flush=True)
+    linger_ms = int(args[4]) if len(args) == 5 else 5
+    print(json.dumps(asyncio.run(send_background(broker, rate, seconds, seed, linger_ms))), flush=True)
     return 0
 
 
