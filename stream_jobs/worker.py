@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import faust
 import msgspec
+from faust.sensors import Sensor
 from faust.streams import _current_event  # faust-streaming 0.15 (pinned): the record a table write belongs to
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -155,6 +156,27 @@ async def save_idle_models() -> None:
             _save_models(changed_before=time.monotonic() - MODEL_SAVE_S)
         except Exception as exc:  # kept in _unsaved: the next tick or batch tries again
             log.warning("could not save %d list model(s): %r", len(_unsaved), exc)
+
+
+class _SaveModelsBeforeCommit(Sensor):
+    """Write every changed list model when an offset commit starts.
+
+    Faust calls this at the start of each commit, and flushes its producer
+    before it commits the offsets, so the changelog holds everything learned
+    from the records whose offsets are committed: a worker that dies loses no
+    learning, and the one that takes its partitions over re-reads only records
+    it has not learned from (the detector ignores redelivered list posts).
+    """
+
+    def on_commit_initiated(self, consumer: Any) -> None:
+        if _unsaved:
+            try:
+                _save_models()
+            except Exception as exc:  # kept in _unsaved: the next commit or timer tries again
+                log.warning("could not save %d list model(s) before a commit: %r", len(_unsaved), exc)
+
+
+app.sensors.add(_SaveModelsBeforeCommit())
 
 
 @app.on_partitions_revoked.connect

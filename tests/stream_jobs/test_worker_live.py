@@ -105,6 +105,28 @@ def test_list_models_reach_the_changelog_once_traffic_stops(broker, start_worker
     assert all(state.address == "team@nhs.net" for state in states)
 
 
+def test_list_models_are_saved_before_their_records_offsets_are_committed(broker, start_worker):
+    """The save wait is ten minutes, and the worker keeps running: only the save Faust's offset
+    commit triggers (every 2.8 s) can write the model, so a crash after the commit loses nothing."""
+    import pickle
+
+    worker = start_worker(broker.url, env={"STORMGUARD_MODEL_SAVE_MS": "600000"})
+    posts = [{"message_id": f"ops{i}", "timestamp": T0 + 60 * i, "sender": f"u{i % 3}@nhs.net",
+              "recipients": ["ops@nhs.net"], "lists": {"ops@nhs.net": 40}, "subject": f"rota {i}"}
+             for i in range(5)]
+    produce_lines(broker.bootstrap, lines(posts))
+    wait_for(lambda: worker.get("/healthz").get("records", 0) >= 5)
+
+    def saved() -> list:
+        return [pickle.loads(r.value) for r in read_topic(broker.bootstrap, f"{worker.app_id}-list_models-changelog")
+                if r.key == b'"ops@nhs.net"']
+
+    states = wait_for(lambda: (s := saved()) and s[-1].posts == 5 and s, timeout=20,
+                      what="the model saved by the commit")
+    assert worker.proc.poll() is None  # not the save on the way out
+    assert states[-1].address == "ops@nhs.net"
+
+
 def test_restart_keeps_every_freeze(broker, start_worker):
     worker = start_worker(broker.url)
     produce_lines(broker.bootstrap, lines(background() + nhsmail_storm(T0 + 3000, replies=2)))
