@@ -87,7 +87,8 @@ async def score(stream):
     ``STORMGUARD_MODEL_SAVE_MS``, not once per record (pickling and producing a
     busy list's model was the worker's biggest cost during a storm); each batch
     saves only the lists whose wait is over, so the saves are spread out
-    instead of stalling the loop every interval. Decisions are unchanged:
+    instead of stalling the loop every interval; whatever is left is written
+    when an offset commit starts (:class:`_SaveModelsBeforeCommit`). Decisions are unchanged:
     records still reach the detector one at a time, in partition order, and
     every action, freezes included, is published as soon as its record is scored.
     """
