@@ -55,8 +55,8 @@ from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
 
 ROOT = Path(__file__).resolve().parents[1]
 #: How long the latency phase's background producer batches records (ms). The embedded broker
-#: (Tansu, memory storage) walks a partition's batches on every fetch, so its fetches slow down as
-#: the topic gathers batches: with 5 ms batches at 2,000 events/s, a plain aiokafka consumer's
+#: (Tansu, memory storage) fetches more slowly as a partition gathers batches (measured; it seems to
+#: walk them on every fetch): with 5 ms batches at 2,000 events/s, a plain aiokafka consumer's
 #: produce-to-read p50 went from 9 to 86 ms within 60 s, with no worker running; with 50 ms
 #: batches it stayed at 8-10 ms. A real Kafka indexes offsets and has no such drift.
 BACKGROUND_LINGER_MS = 50
