@@ -587,6 +587,13 @@ class Bench:
         reader.start()
         producer = make_producer(broker.url)
         enc = msgspec.json.Encoder()
+
+        def send_storm(ev: dict) -> None:
+            ev["timestamp"] = round(time.time(), 3)
+            raw = enc.encode(ev)
+            sent[ev["message_id"]] = time.time()
+            producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
+
         # The background comes from its own process, as real traffic comes from the gateways:
         # this process only sends the storms and reads the freezes, so its clock readings are prompt.
         load = subprocess.Popen([sys.executable, "-m", "stream_jobs.bench_load", broker.url, str(rate), str(seconds),
@@ -601,7 +608,6 @@ class Bench:
             load.stdin.write("go\n")
             load.stdin.flush()
             start = time.monotonic()
-            probes = 0
             next_storm = start + 1.0
             k = 0
             with tqdm(total=int(seconds), unit="s", desc=f"latency @ {rate:.0f} ev/s", disable=not self.progress,
@@ -634,21 +640,12 @@ class Bench:
                         storms.append((address, ids))
                         pending.sort(key=lambda item: item[0])
                     while pending and pending[0][0] <= now:
-                        _, ev = pending.pop(0)
-                        ev["timestamp"] = round(time.time(), 3)
-                        raw = enc.encode(ev)
-                        sent[ev["message_id"]] = time.time()
-                        producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
-                        probes += 1
+                        send_storm(pending.pop(0)[1])
                     wake = min(next_storm, pending[0][0] if pending else next_storm, start + seconds)
                     time.sleep(max(0.0, min(wake - time.monotonic(), 0.05)))
                 bar.update(int(seconds) - shown)
             for _, ev in pending:  # storm messages still due: send them, so every storm is complete
-                ev["timestamp"] = round(time.time(), 3)
-                raw = enc.encode(ev)
-                sent[ev["message_id"]] = time.time()
-                producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
-                probes += 1
+                send_storm(ev)
             producer.flush()
             out, _ = load.communicate(timeout=120)
             background = json.loads(out.strip().splitlines()[-1])
@@ -656,7 +653,7 @@ class Bench:
             if load.poll() is None:
                 load.kill()
                 load.wait()
-        produced = background["produced"] + probes
+        produced = background["produced"] + len(sent)  # every storm message was sent once
         sent_seconds = max(time.monotonic() - start, background["seconds"])
         backlog = produced - (worker_count(worker.url) - base_before)
         # Wait for the worker to catch up and for the last freezes to show.

@@ -117,10 +117,7 @@ async def score(stream):
             _current_event.set(None)
             _save_models(changed_before=time.monotonic() - MODEL_SAVE_S)
     finally:
-        try:
-            _save_models()  # stopping or restarting: what was learned is kept
-        except Exception as exc:  # the producer may already be gone
-            log.warning("could not save %d list model(s) on the way out: %r", len(_unsaved), exc)
+        _save_models_or_warn("on the way out")  # stopping or restarting: what was learned is kept
 
 
 @app.agent(commands_topic)
@@ -153,10 +150,7 @@ async def operate(stream):
 async def save_idle_models() -> None:
     """Traffic stopped: save what the last batches taught, without waiting for the next record."""
     if _unsaved:
-        try:
-            _save_models(changed_before=time.monotonic() - MODEL_SAVE_S)
-        except Exception as exc:  # kept in _unsaved: the next tick or batch tries again
-            log.warning("could not save %d list model(s): %r", len(_unsaved), exc)
+        _save_models_or_warn("on the timer", changed_before=time.monotonic() - MODEL_SAVE_S)
 
 
 class _SaveModelsBeforeCommit(Sensor):
@@ -171,10 +165,7 @@ class _SaveModelsBeforeCommit(Sensor):
 
     def on_commit_initiated(self, consumer: Any) -> None:
         if _unsaved:
-            try:
-                _save_models()
-            except Exception as exc:  # kept in _unsaved: the next commit or timer tries again
-                log.warning("could not save %d list model(s) before a commit: %r", len(_unsaved), exc)
+            _save_models_or_warn("before a commit")
 
 
 app.sensors.add(_SaveModelsBeforeCommit())
@@ -285,6 +276,15 @@ def _save_models(changed_before: Optional[float] = None) -> None:
                                                           "largest_list": detector.largest_list})
     finally:
         _current_event.set(previous)
+
+
+def _save_models_or_warn(when: str, changed_before: Optional[float] = None) -> None:
+    """:func:`_save_models`, where a failure must not stop the caller: what is not saved stays in
+    ``_unsaved`` for the next batch, tick or commit (on the way out, the producer may be gone)."""
+    try:
+        _save_models(changed_before)
+    except Exception as exc:
+        log.warning("could not save %d list model(s) %s: %r", len(_unsaved), when, exc)
 
 
 def _restore_state() -> None:

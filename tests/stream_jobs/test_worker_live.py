@@ -82,10 +82,16 @@ def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path
     assert [key(a) for a in live_actions] == [key(a) for a in offline_actions]
 
 
-def test_list_models_reach_the_changelog_once_traffic_stops(broker, start_worker):
-    """No record comes after the last post: the save timer, not the next batch, writes the model."""
+def _saved_models(broker, worker, address: str) -> list:
+    """Every model of ``address`` in the worker's changelog, oldest first (raw bytes on the wire: the pickle)."""
     import pickle
 
+    return [pickle.loads(r.value) for r in read_topic(broker.bootstrap, f"{worker.app_id}-list_models-changelog")
+            if r.key == f'"{address}"'.encode()]
+
+
+def test_list_models_reach_the_changelog_once_traffic_stops(broker, start_worker):
+    """No record comes after the last post: the save timer, not the next batch, writes the model."""
     worker = start_worker(broker.url, env={"STORMGUARD_MODEL_SAVE_MS": "2000"})
     posts = [{"message_id": f"team{i}", "timestamp": T0 + 60 * i, "sender": f"u{i % 3}@nhs.net",
               "recipients": ["team@nhs.net"], "lists": {"team@nhs.net": 12}, "subject": f"note {i}"}
@@ -97,19 +103,13 @@ def test_list_models_reach_the_changelog_once_traffic_stops(broker, start_worker
     produce_lines(broker.bootstrap, lines(posts[6:]))
     wait_for(lambda: worker.get("/healthz").get("records", 0) >= 7)
 
-    def saved() -> list:  # raw bytes on the wire: the pickle itself
-        return [pickle.loads(r.value) for r in read_topic(broker.bootstrap, f"{worker.app_id}-list_models-changelog")
-                if r.key == b'"team@nhs.net"']
-
-    states = wait_for(lambda: (s := saved()) and s[-1].posts == 7 and s, timeout=15, what="the 7th post saved")
+    states = wait_for(lambda: (s := _saved_models(broker, worker, "team@nhs.net")) and s[-1].posts == 7 and s, timeout=15, what="the 7th post saved")
     assert all(state.address == "team@nhs.net" for state in states)
 
 
 def test_list_models_are_saved_before_their_records_offsets_are_committed(broker, start_worker):
     """The save wait is ten minutes, and the worker keeps running: only the save Faust's offset
     commit triggers (every 2.8 s) can write the model, so a crash after the commit loses nothing."""
-    import pickle
-
     worker = start_worker(broker.url, env={"STORMGUARD_MODEL_SAVE_MS": "600000"})
     posts = [{"message_id": f"ops{i}", "timestamp": T0 + 60 * i, "sender": f"u{i % 3}@nhs.net",
               "recipients": ["ops@nhs.net"], "lists": {"ops@nhs.net": 40}, "subject": f"rota {i}"}
@@ -117,11 +117,7 @@ def test_list_models_are_saved_before_their_records_offsets_are_committed(broker
     produce_lines(broker.bootstrap, lines(posts))
     wait_for(lambda: worker.get("/healthz").get("records", 0) >= 5)
 
-    def saved() -> list:
-        return [pickle.loads(r.value) for r in read_topic(broker.bootstrap, f"{worker.app_id}-list_models-changelog")
-                if r.key == b'"ops@nhs.net"']
-
-    states = wait_for(lambda: (s := saved()) and s[-1].posts == 5 and s, timeout=20,
+    states = wait_for(lambda: (s := _saved_models(broker, worker, "ops@nhs.net")) and s[-1].posts == 5 and s, timeout=20,
                       what="the model saved by the commit")
     assert worker.proc.poll() is None  # not the save on the way out
     assert states[-1].address == "ops@nhs.net"
