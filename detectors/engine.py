@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from typing import Iterator, Optional
+from typing import Collection, Iterator, Optional
 
 import msgspec
 
@@ -237,12 +237,27 @@ class StormDetector:
         self._ahead: deque[float] = deque()
 
     # -- the decision path -------------------------------------------------------
-    def process(self, event: MailEvent) -> list[Action]:
+    def process(self, event: MailEvent, lists: Optional[Collection[str]] = None) -> list[Action]:
         """Learn from one event and return the actions it triggers (may be empty).
+
+        ``lists`` scores the event for those of its lists only: where lists are
+        spread over workers, each worker scores a message for the lists it owns
+        (its *shares*). A message split into shares, in any order, changes
+        every list as the whole message would; the sender's habit and the
+        stream's counters learn from it once, with its last list (sorted), so
+        shares processed one after another decide as the whole message does.
 
         Raises :class:`InvalidEvent` (or :class:`LateEvent`) without changing any
         learned state when the event cannot be placed in time (it only notes a
         record that is far ahead, so that several which agree move the stream on).
+
+        >>> det = StormDetector(PolicyConfig(warmup_events=0))
+        >>> two = MailEvent(message_id="m1", timestamp=1e9, sender="a@x", recipients=["l1@x", "l2@x"],
+        ...                 lists={"l1@x": 500, "l2@x": 800})
+        >>> det.process(two, lists=["l1@x"]), det.events_seen, sorted(det.lists)
+        ([], 0, ['l1@x'])
+        >>> det.process(two, lists=["l2@x"]), det.events_seen, det.largest_list
+        ([], 1, 800)
         """
         cfg = self.config
         t = event.event_time
@@ -257,7 +272,8 @@ class StormDetector:
                 raise InvalidEvent(f"timestamp {t:.0f} is {t - self.watermark:.0f} s ahead of the stream "
                                    f"(max_future_skew {cfg.max_future_skew:.0f} s)")
             ahead.clear()
-        for address in event.lists:
+        shares = event.lists if lists is None else [a for a in lists if a in event.lists]
+        for address in shares:
             state = self.lists.get(address)
             if state is not None and t < state.last_seen - cfg.max_lateness:
                 raise LateEvent(f"event is {state.last_seen - t:.0f} s behind list {address} "
@@ -290,9 +306,11 @@ class StormDetector:
                                                 "sender's habit"))
         else:
             fanout_z = sender.score_one(deliveries)
-            for address in sorted(event.lists):
+            for address in sorted(shares):
                 actions.extend(self._list_post(address, event.lists[address], event, sender, fanout_z, warm,
                                                trusted))
+            if lists is not None and max(event.lists) not in lists:
+                return actions  # the share with the last list learns from the message as a whole
             self.largest_list = max(self.largest_list, max(event.lists.values()))
             sender.list_posts += 1
         sender.learn_one(deliveries)
@@ -539,10 +557,11 @@ class Outcome(msgspec.Struct, frozen=True):
     event: Optional[MailEvent] = None
 
 
-def process_raw(detector: StormDetector, raw: bytes) -> Outcome:
-    """Parse and score one raw record; invalid or late records come back with ``error`` set."""
+def process_raw(detector: StormDetector, raw: bytes, lists: Optional[Collection[str]] = None) -> Outcome:
+    """Parse and score one raw record (for ``lists`` only, if given: see :meth:`StormDetector.process`);
+    invalid or late records come back with ``error`` set."""
     try:
         event = parse_event(raw)
-        return Outcome(detector.process(event), None, event)
+        return Outcome(detector.process(event, lists), None, event)
     except InvalidEvent as exc:
         return Outcome([], str(exc) or exc.__class__.__name__)

@@ -35,6 +35,9 @@ def _create_worker_consumer(self, transport):
     consumer = _original(self, transport)
     if _fetch_max_wait_ms is not None:
         consumer._fetch_max_wait_ms = _fetch_max_wait_ms
+    # Faust reads uncommitted records unless it runs exactly-once itself; a gateway's aborted
+    # transaction is one it will send again, and scoring it twice would count its reply-alls twice.
+    consumer._isolation_level = "read_committed"
     return consumer
 
 
@@ -156,11 +159,11 @@ class StormguardApp(faust.App):
         super().__init__(*args, **kwargs)
 
     @classmethod
-    def from_settings(cls, settings) -> "StormguardApp":
+    def from_settings(cls, settings, **options: Any) -> "StormguardApp":
         """The app as the worker runs it, from :class:`stream_jobs.settings.WorkerSettings`
         (the bench's no-op agent is built the same way, so like is compared with like)."""
         shorten_fetch_long_poll(settings.fetch_max_wait_ms)
-        return cls(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options())
+        return cls(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options(), **options)
 
     def _new_producer(self):
         producer = super()._new_producer()

@@ -148,6 +148,12 @@ DELIVERIES = RecordCounter("stormguard_deliveries",
 REPLIES = RecordCounter("stormguard_list_replies",
                         "Scored events that are replies to at least one list (reply-alls)", registry=REGISTRY)
 
+DEAD_LETTER_FAILURES = Counter("stormguard_dead_letter_failures",
+                               "Dead letters that could not be written to mail.events.dlq (the record was skipped)",
+                               registry=REGISTRY)
+AGENT_DEATHS = Counter("stormguard_agent_deaths", "Agents that died (the worker exits right after)", ["agent"],
+                       registry=REGISTRY)
+
 # -- decisions ------------------------------------------------------------------------------------
 ACTIONS = Counter("stormguard_actions", "Actions published to stormguard.actions", ["kind", "detector"],
                   registry=REGISTRY)

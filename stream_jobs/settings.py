@@ -25,6 +25,20 @@ LIST_STATE_TOPIC = "stormguard.list-state"
 COMMANDS_TOPIC = "stormguard.commands"
 
 
+def by_list_topic(app_id: str) -> str:
+    """The internal topic that carries each list's share of a message to the worker that owns the list.
+
+    >>> by_list_topic("stormguard")
+    'stormguard-mail.events-by-list'
+    """
+    return f"{app_id}-{EVENTS_TOPIC}-by-list"
+
+
+def changelog_topics(app_id: str) -> list[str]:
+    """The worker's table changelogs (Faust names them ``<app id>-<table>-changelog``)."""
+    return [f"{app_id}-list_state-changelog", f"{app_id}-list_models-changelog"]
+
+
 class SettingsError(ValueError):
     """A setting has a value Stormguard cannot use; the message names it."""
 
@@ -89,6 +103,9 @@ class WorkerSettings:
     fast_drain: bool = True
     model_save_ms: int = 500
     gc_freeze_s: float = 5.0
+    order_wait_ms: int = 2000
+    dlq_max_bytes: int = 900_000
+    crash_on_message_id: Optional[str] = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     sasl_mechanism: Optional[str] = None
@@ -117,6 +134,8 @@ class WorkerSettings:
             broker_rebalance_timeout=self.session_timeout,
             broker_request_timeout=max(30.0, self.session_timeout * 2),
             producer_linger_ms=0,
+            # a dead-letter envelope always fits: dlq_max_bytes plus the record's key and headers
+            producer_max_request_size=max(1_048_576, self.dlq_max_bytes + 65_536),
             **self.kafka_client_options(),
         )
 
@@ -205,6 +224,9 @@ class WorkerSettings:
             fast_drain=flag("STORMGUARD_FAST_DRAIN", cls.fast_drain),
             model_save_ms=num("STORMGUARD_MODEL_SAVE_MS", cls.model_save_ms),
             gc_freeze_s=num("STORMGUARD_GC_FREEZE_S", cls.gc_freeze_s, float),
+            order_wait_ms=num("STORMGUARD_ORDER_WAIT_MS", cls.order_wait_ms),
+            dlq_max_bytes=num("STORMGUARD_DLQ_MAX_BYTES", cls.dlq_max_bytes),
+            crash_on_message_id=env.get("STORMGUARD_CRASH_ON_MESSAGE_ID") or None,
             policy=policy_from_env(env),
             sasl_mechanism=env.get("STORMGUARD_KAFKA_SASL_MECHANISM") or None,
             sasl_username=env.get("STORMGUARD_KAFKA_SASL_USERNAME") or None,
@@ -220,6 +242,10 @@ class WorkerSettings:
             raise SettingsError("STORMGUARD_GC_FREEZE_S must be >= 0")
         if values["model_save_ms"] < 0:
             raise SettingsError("STORMGUARD_MODEL_SAVE_MS must be >= 0")
+        if values["order_wait_ms"] < 0:
+            raise SettingsError("STORMGUARD_ORDER_WAIT_MS must be >= 0")
+        if values["dlq_max_bytes"] < 4096:
+            raise SettingsError("STORMGUARD_DLQ_MAX_BYTES must be >= 4096 (a dead-letter envelope needs room)")
         if values["sasl_mechanism"] and not (values["sasl_username"] and values["sasl_password"]):
             raise SettingsError("STORMGUARD_KAFKA_SASL_MECHANISM needs STORMGUARD_KAFKA_SASL_USERNAME "
                                 "and STORMGUARD_KAFKA_SASL_PASSWORD (or _FILE)")
@@ -234,8 +260,10 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
     ("STORMGUARD_WEB_HOST", "0.0.0.0", "address the HTTP port binds to"),
     ("STORMGUARD_APP_ID", "stormguard", "Faust app id = Kafka consumer group and changelog topic prefix; "
      "workers with the same id share the partitions"),
-    ("STORMGUARD_PARTITIONS", "1", "partitions of the topics the worker creates; more partitions let more "
-     "workers share the load (events must then be keyed by list, as `replay` and `ingest` do)"),
+    ("STORMGUARD_PARTITIONS", "1", "partitions of `mail.events` when the worker has to create it. An existing "
+     "`mail.events` wins: the worker takes its partition count for every topic and table it makes, and refuses "
+     "to start if one that exists already disagrees. More partitions let more workers share the load; events "
+     "may be keyed by list, by sender or not at all"),
     ("STORMGUARD_DATA_DIR", ".stormguard", "Faust's local data directory"),
     ("STORMGUARD_SESSION_TIMEOUT", "4.0", "Kafka group session (and rebalance) timeout in seconds: how fast a "
      "worker joins, and how fast a survivor takes over a dead worker's partitions"),
@@ -253,6 +281,16 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "permanent GC generation (`gc.freeze`), so full collections scan only newer objects: with a day of "
      "learned state they took 50-180 ms and set the tail latency. Once an hour everything is unfrozen and "
      "collected (one such pause an hour). 0: Python's default collector"),
+    ("STORMGUARD_ORDER_WAIT_MS", "2000", "longest wait, in milliseconds, for a partition that is behind "
+     "(the broker has more of it) before newer events from the other partitions are scored anyway; the worker "
+     "scores a list's events oldest first across partitions (`stream_jobs/event_order.py`), and caught-up "
+     "partitions never hold anything back"),
+    ("STORMGUARD_DLQ_MAX_BYTES", "900000", "largest dead-letter envelope in bytes; a record whose base64 copy "
+     "would not fit keeps a prefix, with its length and SHA-256 (`raw_truncated: true`). Keep it under the "
+     "broker's `message.max.bytes` (1 MiB by default)"),
+    ("STORMGUARD_CRASH_ON_MESSAGE_ID", "unset", "a drill: the scoring agent dies on the message with this id, "
+     "so you can see `/healthz` turn 503 and your supervisor (systemd, Kubernetes, Compose) restart the worker. "
+     "Never set it in production"),
     ("STORMGUARD_LOG_LEVEL", "warn", "worker log level: crit, error, warn, info, debug"),
     ("STORMGUARD_ADMIN_TOKEN (or _FILE)", "unset", "bearer token for `POST /api/lists/{address}/freeze|unfreeze`; "
      "unset, those endpoints answer 403"),

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import hashlib
 import hmac
 import logging
+import os
 import pickle
 import time
 import uuid
@@ -29,22 +31,52 @@ from faust.sensors import Sensor
 from faust.streams import _current_event  # faust-streaming 0.15 (pinned): the record a table write belongs to
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from detectors.engine import ListStatus, StormDetector, process_raw
+from detectors.engine import ListStatus, Outcome, StormDetector, process_raw
+from detectors.events import InvalidEvent, parse_event
 from detectors.policy import Action, encode_action
+from kafka.partitioner.default import murmur2
+
 from stream_jobs import metrics
+from stream_jobs.event_order import EventTimeScheduler
 from stream_jobs.faust_tuning import RawSchema, StormguardApp
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
-                                  WorkerSettings, secret)
+                                  WorkerSettings, by_list_topic, secret)
 
 log = logging.getLogger("stormguard.worker")
 
 settings = WorkerSettings.from_env()
 
 
-app = StormguardApp.from_settings(settings)
+BY_LIST_TOPIC = by_list_topic(settings.app_id)
+
+
+def _has_backlog(tp) -> bool:
+    """Does the broker hold records of ``tp`` that this worker has not been handed yet?"""
+    consumer = app.consumer._thread._ensure_consumer()  # the aiokafka consumer Faust runs
+    state = consumer._subscription.subscription.assignment.state_value(tp)
+    if state is None or not state.has_valid_position:
+        return False
+    end = consumer.last_stable_offset(tp) if consumer._isolation_level == "read_committed" \
+        else consumer.highwater(tp)
+    return end is not None and end > state.position
+
+
+class EventOrder(EventTimeScheduler):
+    """Both event topics merged oldest event first across this worker's partitions."""
+
+    ordered_topics = frozenset({EVENTS_TOPIC, BY_LIST_TOPIC})
+    max_wait = settings.order_wait_ms / 1000.0
+    has_backlog = staticmethod(_has_backlog)
+    generation = staticmethod(lambda: app.consumer_generation_id)
+
+
+app = StormguardApp.from_settings(settings, ConsumerScheduler=EventOrder)
 
 # Bytes on the wire both ways: the detectors decode events themselves (msgspec).
-events_topic = app.topic(EVENTS_TOPIC, partitions=settings.partitions, schema=RawSchema())
+# The scoring agent reads mail.events as producers keyed it (by list, by sender or not at all) and the
+# by-list topic, where each list's share of a message reaches the worker that owns the list.
+events_topic = app.topic(EVENTS_TOPIC, BY_LIST_TOPIC, partitions=settings.partitions, schema=RawSchema())
+by_list = app.topic(BY_LIST_TOPIC, partitions=settings.partitions, schema=RawSchema())
 dlq_topic = app.topic(DLQ_TOPIC, partitions=settings.partitions, schema=RawSchema())
 actions_topic = app.topic(ACTIONS_TOPIC, partitions=settings.partitions, schema=RawSchema())
 list_state_topic = app.topic(LIST_STATE_TOPIC, partitions=settings.partitions, schema=RawSchema())
@@ -76,6 +108,13 @@ _unsaved: dict[str, tuple[Any, float]] = {}
 _records_consumed = 0
 _pending_commands: dict[str, asyncio.Future] = {}
 _status_encoder = msgspec.json.Encoder()
+#: Why an agent died, if one did: /healthz answers 503 and the process exits (see :func:`_agent_died`).
+_dead: dict[str, str] = {}
+#: Seconds between an agent's death and the process's exit: long enough for a last /healthz and log line.
+EXIT_AFTER_DEATH_S = 2.0
+#: A list's partition (of mail.events and the by-list topic alike), as Java's and Faust's partitioner picks it.
+_home: dict[str, int] = {}
+_dead_letter_failures = 0
 
 
 # -- agents ---------------------------------------------------------------------------
@@ -101,28 +140,123 @@ async def score(stream):
                 # Tables partition their changelog by the record being processed.
                 _current_event.set(weakref.ref(event))
                 raw = event.value
+                raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
+                message = event.message
                 started = perf_counter()
-                outcome = process_raw(detector, raw if isinstance(raw, bytes) else bytes(raw or b""))
+                if message.topic == BY_LIST_TOPIC:  # one list's share, routed here because we own the list
+                    share = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else ""
+                    outcome = process_raw(detector, raw, (share,))
+                    away = ()
+                else:
+                    outcome, away = _score_here(raw, event.key, message.partition)
                 metrics.PROCESSING_SECONDS.observe(perf_counter() - started)
+                if settings.crash_on_message_id and outcome.event is not None \
+                        and outcome.event.message_id == settings.crash_on_message_id:
+                    raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {settings.crash_on_message_id}")
                 if outcome.error is not None:
                     await _dead_letter(event, outcome.error)
                 else:
                     for address in outcome.event.lists:
-                        waiting = _unsaved.get(address)
-                        _unsaved[address] = (event, now if waiting is None else waiting[1])
+                        if address not in away:
+                            waiting = _unsaved.get(address)
+                            _unsaved[address] = (event, now if waiting is None else waiting[1])
+                    for address in away:
+                        # stamped as the gateway stamped it: produce -> action stays the gateway's latency
+                        await by_list.send(key=address.encode(), value=raw, partition=_home[address],
+                                           headers=event.headers, timestamp=_record_time(event))
                 for action in outcome.actions:
                     await _publish(action)
-                metrics.observe_event(detector, outcome, _record_time(event))
-            _records_consumed += len(events)  # scored or dead-lettered, as the metrics count them
+                if message.topic == BY_LIST_TOPIC:  # the message was counted where it was read
+                    for action in outcome.actions:
+                        metrics.observe_action(action, _record_time(event))
+                    if outcome.error is not None:
+                        metrics.observe_event(detector, outcome, None)
+                else:
+                    metrics.observe_event(detector, outcome, _record_time(event))
+            _records_consumed += len(events)  # scored, routed or dead-lettered
             _current_event.set(None)
             _save_models(changed_before=time.monotonic() - MODEL_SAVE_S)
+    except Exception as exc:
+        _agent_died("score", exc)
+        raise
     finally:
         _save_models_or_warn("on the way out")  # stopping or restarting: what was learned is kept
+
+
+def _partition_of(address: str) -> int:
+    home = _home.get(address)
+    if home is None:
+        if len(_home) > 100_000:
+            _home.clear()
+        home = _home[address] = (murmur2(address.encode()) & 0x7FFFFFFF) % settings.partitions
+    return home
+
+
+def _score_here(raw: bytes, key: Any, partition: int):
+    """Score a record of mail.events here, or name the lists whose shares must be routed.
+
+    A list is owned by partition ``murmur2(list) % partitions`` of the by-list topic (Java's and
+    Faust's partitioner). A post to one list, keyed by that list and on that partition (``replay``,
+    ``ingest``, any Java-partitioned producer keying by list), is scored where it is: no extra hop.
+    Every other list post (keyed by sender, unkeyed, another partitioner, a message to several
+    lists) goes to the by-list topic, one share per list, so that all of a list's posts reach the
+    one worker that owns it in one partition, in the order this worker read them (oldest first,
+    :mod:`stream_jobs.event_order`). Mail to no list is scored where it is read.
+    """
+    if settings.partitions == 1:
+        return process_raw(detector, raw), ()
+    try:
+        event = parse_event(raw)
+    except InvalidEvent as exc:
+        return Outcome([], str(exc) or exc.__class__.__name__), ()
+    lists = event.lists
+    if not lists:
+        return process_raw_event(event), ()
+    if len(lists) == 1:
+        (address,) = lists
+        if key == address.encode() and _partition_of(address) == partition:
+            return process_raw_event(event), ()
+    away = tuple(sorted(lists))
+    for address in away:
+        _partition_of(address)
+    return Outcome([], None, event), away
+
+
+def process_raw_event(event, lists=None) -> Outcome:
+    try:
+        return Outcome(detector.process(event, lists), None, event)
+    except InvalidEvent as exc:
+        return Outcome([], str(exc) or exc.__class__.__name__)
+
+
+def _agent_died(agent: str, exc: BaseException) -> None:
+    """An agent that stops scoring must not look healthy: /healthz turns 503 now, and the process exits
+    non-zero in a moment, so that systemd, Kubernetes or Compose restart it (from the committed offsets)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return
+    _dead[agent] = f"{exc.__class__.__name__}: {exc}"
+    log.critical("agent %s died (%r); /healthz answers 503 and the worker exits in %.0f s",
+                 agent, exc, EXIT_AFTER_DEATH_S)
+    metrics.AGENT_DEATHS.labels(agent=agent).inc()
+
+    def _exit() -> None:
+        logging.shutdown()
+        os._exit(70)  # EX_SOFTWARE; Faust would otherwise restart the agent on a stream that has moved on
+
+    asyncio.get_running_loop().call_later(EXIT_AFTER_DEATH_S, _exit)
 
 
 @app.agent(commands_topic)
 async def operate(stream):
     """Apply operators' freezes and unfreezes from the admin API, in stream order."""
+    try:
+        await _operate(stream)
+    except Exception as exc:
+        _agent_died("operate", exc)
+        raise
+
+
+async def _operate(stream) -> None:
     async for command in stream:
         cmd: dict = {}
         try:
@@ -227,20 +361,58 @@ async def _publish(action: Action) -> None:
     await actions_topic.send(key=key, value=encode_action(action))
 
 
+def dead_letter_envelope(raw: bytes, reason: str, source: dict, max_bytes: int) -> bytes:
+    """The dead-letter record: the raw bytes and why, always small enough for the broker to take.
+
+    A record too big to copy whole keeps a prefix (``raw_truncated``), with the original's length and
+    SHA-256, so an operator can still find and identify it upstream.
+
+    >>> env = msgspec.json.decode(dead_letter_envelope(b"x" * 10_000, "too big", {}, 4096))
+    >>> env["raw_truncated"], env["raw_length"], len(base64.b64decode(env["raw_base64"])) < 4096
+    (True, 10000, True)
+    """
+    envelope = {"reason": reason[:2000], "raw_base64": "", "raw_length": len(raw),
+                "raw_sha256": hashlib.sha256(raw).hexdigest(), "raw_truncated": False, "source": source}
+    room = max_bytes - len(msgspec.json.encode(envelope)) - 16
+    keep = len(raw) if 4 * -(-len(raw) // 3) <= room else max(0, room // 4 * 3)
+    envelope["raw_base64"] = base64.b64encode(raw[:keep]).decode()
+    envelope["raw_truncated"] = keep < len(raw)
+    return msgspec.json.encode(envelope)
+
+
 async def _dead_letter(event, reason: str) -> None:
-    """Keep the raw bytes and say why: an operator can fix and replay them."""
+    """Keep the raw bytes and say why: an operator can fix and replay them.
+
+    A dead letter that cannot be written is counted and logged; it never stops scoring.
+    """
+    global _dead_letter_failures
     msg = event.message
     raw = event.value if isinstance(event.value, bytes) else b""
-    envelope = {
-        "reason": reason,
-        "raw_base64": base64.b64encode(raw).decode(),
-        "source": {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
-                   "timestamp": _record_time(event)},
-    }
-    await dlq_topic.send(key=event.key if isinstance(event.key, bytes) else None,
-                         value=msgspec.json.encode(envelope),
-                         headers=[("stormguard-reason", reason.encode()[:1024])])
+    source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+              "timestamp": _record_time(event)}
+    value = dead_letter_envelope(raw, reason, source, settings.dlq_max_bytes)
     log.warning("dead-lettered %s/%s@%s: %s", msg.topic, msg.partition, msg.offset, reason)
+    try:
+        await dlq_topic.send(key=event.key if isinstance(event.key, bytes) and len(event.key) < 4096 else None,
+                             value=value, headers=[("stormguard-reason", reason.encode()[:1024])],
+                             callback=_dead_letter_sent)
+    except Exception as exc:
+        _dead_letter_failures += 1
+        metrics.DEAD_LETTER_FAILURES.inc()
+        log.error("could not write the dead letter of %s/%s@%s (%r); the record is skipped",
+                  msg.topic, msg.partition, msg.offset, exc)
+
+
+def _dead_letter_sent(fut) -> None:
+    global _dead_letter_failures
+    try:
+        exc = fut.exception() if hasattr(fut, "exception") else None
+    except Exception as error:  # cancelled
+        exc = error
+    if exc is not None:
+        _dead_letter_failures += 1
+        metrics.DEAD_LETTER_FAILURES.inc()
+        log.error("the broker refused a dead letter: %r", exc)
 
 
 def _record_time(event) -> Optional[float]:
@@ -319,10 +491,16 @@ def _restore_state() -> None:
 # -- web ----------------------------------------------------------------------------------
 @app.page("/healthz")
 async def healthz(web, request):
+    if _dead:
+        return web.json({"status": "dead", "dead_agents": dict(_dead)}, status=503)
     if not _ready.is_set():
         return web.json({"status": "starting"}, status=503)
+    scheduler = getattr(app.consumer, "scheduler", None)
     return web.json({"status": "ok", "records": _records_consumed, "events_seen": detector.events_seen,
-                     "frozen_lists": len(detector.frozen_lists())})
+                     "frozen_lists": len(detector.frozen_lists()), "partitions": settings.partitions,
+                     "dead_letter_failures": _dead_letter_failures,
+                     "held_for_order": getattr(scheduler, "held", 0),
+                     "released_out_of_order": getattr(scheduler, "released_early", 0)})
 
 
 @app.page("/metrics")

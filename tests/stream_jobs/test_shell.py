@@ -121,3 +121,31 @@ def test_kafka_python_clients_get_the_same_tls_and_sasl(tmp_path):
                                    "STORMGUARD_KAFKA_SASL_USERNAME": "sg",
                                    "STORMGUARD_KAFKA_SASL_PASSWORD": "pw"}).kafka_python_options()
     assert tls["security_protocol"] == "SASL_SSL" and tls["ssl_cafile"] == str(ca)
+
+
+def test_event_order_merges_partitions_and_waits_for_one_that_is_behind():
+    """The consumer scheduler: oldest event first across partitions; a partition that ran dry while
+    the broker has more of it holds back newer records, for at most max_wait; junk goes at once."""
+    from collections import namedtuple
+
+    from stream_jobs.event_order import EventTimeScheduler
+
+    TP, Rec = namedtuple("TP", "topic partition"), namedtuple("Rec", "offset value")
+    a, b, other = TP("mail.events", 0), TP("mail.events", 1), TP("stormguard.commands", 0)
+    ev = lambda t: b'{"timestamp": %d}' % t  # noqa: E731
+    clock = [0.0]
+    behind = {b}
+    s = EventTimeScheduler(ordered_topics={"mail.events"}, clock=lambda: clock[0])
+    s.has_backlog = lambda tp: tp in behind
+    s.max_wait = 2.0
+    got = lambda records: [(tp.partition, r.value) for tp, r in s.iterate(records)]  # noqa: E731
+    first = got({a: [Rec(0, ev(1)), Rec(1, ev(50)), Rec(2, b"junk")], b: [Rec(0, ev(10))], other: [Rec(0, b"c")]})
+    # b ran dry at event time 10 and is behind: a's record at 50 waits, and the junk behind it in a
+    assert first == [(0, b"c"), (0, ev(1)), (1, ev(10))]
+    assert s.held == 2
+    assert got({b: [Rec(1, ev(20))]})[0] == (1, ev(20))  # b's next fetch: its 20 before a's 50
+    clock[0] = 5.0  # b stays behind and silent past max_wait: a's records go anyway
+    rest = got({})
+    assert (0, ev(50)) in rest and s.held == 0 and s.released_early >= 1
+    behind.clear()
+    assert got({a: [Rec(3, ev(60))]}) == [(0, ev(60))]  # caught up: nothing waits
