@@ -2,11 +2,15 @@
 
 Every throughput figure comes from the same embedded broker and the same
 pre-filled ``mail.events`` topic (keyed by list, else sender, as ``replay``
-keys), read from its start by:
+keys; the sender-keyed worker phase alone reads the same events from a second
+broker of the same kind), read from its start by:
 
 1. bare aiokafka, decoding each record's JSON (the ceiling for any Python consumer);
 2. a Faust agent that does nothing (:mod:`stream_jobs.bench_noop`: the framework's ceiling);
-3. the Stormguard worker (``stormguard run``), done when its ``/metrics`` counts every record;
+3. the Stormguard worker (``stormguard run``), done when its ``/healthz`` counts every record;
+   beside it, the worker on the SAME events keyed by sender (a second embedded broker, same
+   partition count, filled alike but keyed by each event's sender, kafka-python's murmur2
+   partitioner), where every list post reaches the list's owner through the by-list topic;
 4. two Stormguard workers in one consumer group on the same topic.
 
 Then: offline scoring (in-process :class:`~detectors.engine.StormDetector`
@@ -73,6 +77,8 @@ RATIOS: dict[str, tuple[str, str]] = {
     "worker_vs_bare": ("throughput.worker.events_per_s", "throughput.bare_aiokafka.events_per_s"),
     "noop_vs_bare": ("throughput.faust_noop.events_per_s", "throughput.bare_aiokafka.events_per_s"),
     "two_workers_vs_one": ("throughput.two_workers.events_per_s", "throughput.worker.events_per_s"),
+    # What routing list posts through the by-list topic costs: the same events keyed by sender.
+    "sender_keyed_vs_list_keyed": ("throughput.worker_sender_keyed.events_per_s", "throughput.worker.events_per_s"),
     # Scoring while `stormguard deliver` retries against a webhook receiver and a Grafana that are down.
     "worker_sinks_down_vs_worker": ("throughput.worker_sinks_down.events_per_s", "throughput.worker.events_per_s"),
     "offline_vs_worker": ("throughput.offline_score.events_per_s", "throughput.worker.events_per_s"),
@@ -84,6 +90,8 @@ RATIOS: dict[str, tuple[str, str]] = {
                                      "throughput.faust_noop_stock.events_per_cpu_s"),
     "two_workers_vs_one_per_cpu": ("throughput.two_workers.events_per_cpu_s",
                                    "throughput.worker.events_per_cpu_s"),
+    "sender_keyed_vs_list_keyed_per_cpu": ("throughput.worker_sender_keyed.events_per_cpu_s",
+                                           "throughput.worker.events_per_cpu_s"),
 }
 
 
@@ -211,6 +219,41 @@ def describe_events(records: list[bytes]) -> dict:
             "list_posts": list_posts, "list_replies": replies}
 
 
+class _Sender(msgspec.Struct):
+    sender: str = ""
+
+
+_sender_decoder = msgspec.json.Decoder(_Sender)
+
+
+def sender_key(raw: bytes) -> Optional[bytes]:
+    """A record keyed as a gateway that knows nothing of lists keys it: its sender's bytes (else none)."""
+    try:
+        sender = _sender_decoder.decode(raw).sender
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return sender.encode() if sender else None
+
+
+def by_list_shares(records: list[bytes], key: Callable[[bytes], Optional[bytes]], partitions: int) -> int:
+    """Shares the worker routes through the by-list topic when ``records`` are keyed by ``key``.
+
+    As :func:`stream_jobs.worker._score_here` decides, with Kafka's default (murmur2) partitioner:
+    a post to one list keyed by that list is scored where it lands; every other list post sends one
+    share per list. Each share is one more record the worker consumes (and counts on ``/healthz``).
+    """
+    if partitions == 1:
+        return 0
+    dec = msgspec.json.Decoder()
+    shares = 0
+    for raw in records:
+        lists = dec.decode(raw).get("lists") or {}
+        if len(lists) == 1 and key(raw) == next(iter(lists)).encode():
+            continue
+        shares += len(lists)
+    return shares
+
+
 # -- helpers ------------------------------------------------------------------------------------
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
@@ -221,7 +264,10 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def worker_count(url: str) -> int:
-    """Records a worker has scored or dead-lettered, from ``/healthz`` (as cheap as the no-op's ``/count``)."""
+    """Records a worker has scored, routed or dead-lettered, from ``/healthz`` (as cheap as the no-op's ``/count``).
+
+    Records of the by-list topic count too: a list post routed there is two records (or more).
+    """
     _, body = _get(url + "/healthz")
     return int(json.loads(body).get("records", 0))
 
@@ -262,6 +308,9 @@ class Bench:
     # -- processes ----------------------------------------------------------------------------
     def env(self, broker: EmbeddedBroker, app_id: str, web_port: int, **extra: str) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STORMGUARD_")}
+        # STORMGUARD_PARTITIONS only matters to a worker that creates mail.events: the worker follows
+        # the partition count of an existing one itself (serve.ensure_topics), and fill() has made it
+        # with --partitions already, so this says the same.
         env.update(STORMGUARD_BROKER=broker.url, STORMGUARD_APP_ID=app_id, STORMGUARD_WEB_PORT=str(web_port),
                    STORMGUARD_WEB_HOST="127.0.0.1", STORMGUARD_PARTITIONS=str(self.args.partitions),
                    STORMGUARD_DATA_DIR=str(self.tmp / f"data-{app_id}"), PYTHONUNBUFFERED="1", **extra)
@@ -295,17 +344,24 @@ class Bench:
             b.stop()
 
     # -- phases -------------------------------------------------------------------------------
-    def fill(self, broker: EmbeddedBroker, records: list[bytes], desc: str = "fill mail.events") -> dict:
-        from stream_jobs.replay import make_producer, produce
+    def fill(self, broker: EmbeddedBroker, records: list[bytes], desc: str = "fill mail.events",
+             key: Optional[Callable[[bytes], Optional[bytes]]] = None) -> dict:
+        """Create the topics (``--partitions``) and produce ``records`` to mail.events with kafka-python,
+        keyed by ``key`` (default: as ``stormguard replay`` keys) and placed by its murmur2 partitioner."""
+        from stream_jobs.replay import make_producer, routing_key
         from stream_jobs.serve import ensure_topics
 
+        key = key or routing_key
         ensure_topics(broker.url, self.args.partitions)
         producer = make_producer(broker.url)
         started = time.perf_counter()
         try:
             with tqdm(total=len(records), unit="ev", desc=desc, disable=not self.progress,
                       file=sys.stderr) as bar:
-                produce(records, producer, progress=bar)
+                for raw in records:
+                    producer.send(EVENTS_TOPIC, value=raw, key=key(raw))
+                    bar.update(1)
+                producer.flush()
         finally:
             producer.close()
         seconds = time.perf_counter() - started
@@ -447,6 +503,40 @@ class Bench:
                 p.stop()
         out["ready_s"] = ready
         out["workers"] = n
+        return out
+
+    def run_sender_keyed(self, records: list[bytes]) -> dict:
+        """The worker on the same events keyed by sender: a second broker, the same partition count.
+
+        A topic cannot be re-keyed, so the events go to a fresh embedded broker of their own,
+        produced as :meth:`fill` produces them but keyed by :func:`sender_key`. Every list post
+        then lands away from its list's owner and reaches it through the by-list topic: one more
+        produce and consume per share, in the same worker process (so in its CPU seconds). The
+        worker counts those shares as records too; the phase is timed until it has counted them
+        all, and its events/s counts events of mail.events, as the list-keyed phase's does
+        (records/s × events / records). Bare aiokafka on this broker is beside it, so that the two
+        brokers can be compared.
+        """
+        n = len(records)
+        shares = by_list_shares(records, sender_key, self.args.partitions)
+        broker = self.broker()
+        try:
+            fill = self.fill(broker, records, desc="fill mail.events (keyed by sender)", key=sender_key)
+            bare = self.bare_aiokafka(broker, n)
+            out = self.run_workers(broker, n + shares, 1, "Stormguard worker (keyed by sender)")
+        finally:
+            broker.stop()
+        per_event = n / (n + shares)
+        out.update(records=n + shares, by_list_shares=shares, timed_records=out["timed_events"],
+                   records_per_s=out["events_per_s"], events=n, timed_events=out["timed_events"] * per_event)
+        out["events_per_s"] = out["timed_events"] / out["seconds"]
+        if "cpu_s" in out:
+            out["events_per_cpu_s"] = out["timed_events"] / out["cpu_s"]
+        out.update(keyed_by="sender (the event's sender bytes; kafka-python's murmur2 partitioner)",
+                   partitions=self.args.partitions, fill=fill,
+                   bare_aiokafka_same_broker={k: bare[k] for k in ("events_per_s", "events_per_cpu_s")},
+                   what="events of mail.events scored per second (each list post's by-list share is a "
+                        "record of its own: records_per_s counts those too)")
         return out
 
     def deliverer(self, broker: EmbeddedBroker, dead_url: str) -> ChildProcess:
@@ -720,6 +810,8 @@ class Bench:
         tp["faust_noop_stock"] = self.run_noop(broker, total, stock=True)
         tp["faust_noop"] = self.run_noop(broker, total)
         tp["worker"] = self.run_workers(broker, total, 1, "Stormguard worker")
+        say(f"bench: second embedded broker, the same events keyed by sender ({a.partitions} partitions)")
+        tp["worker_sender_keyed"] = self.run_sender_keyed(records)
         tp["two_workers"] = self.run_workers(broker, total, 2, "two Stormguard workers")
         tp["worker_sinks_down"] = self.run_worker_with_sinks_down(broker, total)
         broker.stop()
@@ -852,6 +944,7 @@ def table(r: dict) -> str:
         ("Faust no-op agent, stock Faust", tp["faust_noop_stock"]),
         ("Faust no-op agent, worker's consumer", tp["faust_noop"]),
         ("Stormguard worker (1)", tp["worker"]),
+        ("Stormguard worker (1), keyed by sender", tp["worker_sender_keyed"]),
         ("Stormguard workers (2, same group)", tp["two_workers"]),
         ("worker, receivers down (deliver retrying)", tp["worker_sinks_down"]),
         ("offline score, in-process", tp["offline_score"]),

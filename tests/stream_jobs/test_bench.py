@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.live
 
-LIVE = ("faust_noop_stock", "faust_noop", "worker", "two_workers")
+LIVE = ("faust_noop_stock", "faust_noop", "worker", "worker_sender_keyed", "two_workers")
 THROUGHPUT = ("bare_aiokafka", *LIVE, "offline_score", "offline_score_cli")
 
 
@@ -28,6 +28,8 @@ def results(tmp_path_factory) -> dict:
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "worker_vs_noop" in done.stdout and str(out) in done.stdout  # the readable table was printed
+    # list-keyed and sender-keyed side by side in the table, and their ratio
+    assert "Stormguard worker (1), keyed by sender" in done.stdout and "sender_keyed_vs_list_keyed" in done.stdout
     return json.loads(out.read_text())
 
 
@@ -70,6 +72,46 @@ def test_every_throughput_figure_is_there_and_counts_every_event(results):
     # The CLI and the in-process detector took the same decisions on the same records.
     assert results["throughput"]["offline_score_cli"]["actions"] == results["throughput"]["offline_score"]["actions"]
     assert lookup(results, "throughput.worker.events_per_s") == results["throughput"]["worker"]["events_per_s"]
+
+
+@pytest.mark.timeout(1200)
+def test_sender_keyed_worker_routes_every_list_post_and_counts_events(results):
+    """The same events keyed by sender: every list post went through the by-list topic (one share each,
+    a record of its own), and the phase's events/s counts events of mail.events, as the list-keyed one."""
+    n = results["events"]["count"]
+    listed, sender = results["throughput"]["worker"], results["throughput"]["worker_sender_keyed"]
+    # Keyed by list (replay): every list post was scored where it landed, no by-list record was read.
+    assert listed["per_process"] == [n]
+    assert sender["keyed_by"].startswith("sender") and sender["partitions"] == results["events"]["partitions"]
+    assert sender["fill"]["events"] == n and sender["workers"] == 1
+    # realistic_events' list posts name one list each: one share per list post.
+    assert sender["by_list_shares"] == results["events"]["list_posts"] > 0
+    assert sender["records"] == n + sender["by_list_shares"] and sum(sender["per_process"]) >= sender["records"]
+    assert 0 < sender["timed_records"] <= sender["records"]
+    assert sender["records_per_s"] == pytest.approx(sender["timed_records"] / sender["seconds"], rel=1e-9)
+    assert sender["events_per_s"] == pytest.approx(sender["records_per_s"] * n / sender["records"], rel=1e-9)
+    assert sender["events_per_s"] < sender["records_per_s"]
+    assert _positive(sender["bare_aiokafka_same_broker"]["events_per_s"])
+    ratio = results["ratios"]["sender_keyed_vs_list_keyed"]["value"]
+    assert ratio == pytest.approx(sender["events_per_s"] / listed["events_per_s"], rel=1e-9)
+
+
+def test_sender_keys_and_the_shares_they_route():
+    """``sender_key`` is the sender's bytes; ``by_list_shares`` routes as the worker does: a one-list post
+    keyed by its list stays, any other list post sends one share per list, direct mail none."""
+    from stream_jobs.bench import by_list_shares, encode_all, realistic_events, sender_key
+    from stream_jobs.replay import routing_key
+
+    one = b'{"message_id":"a","timestamp":1,"sender":"s@x","recipients":["l@x"],"lists":{"l@x":5}}'
+    two = b'{"message_id":"b","timestamp":1,"sender":"s@x","recipients":["l@x","m@x"],"lists":{"l@x":5,"m@x":9}}'
+    direct = b'{"message_id":"c","timestamp":1,"sender":"t@x","recipients":["u@x"]}'
+    assert [sender_key(r) for r in (one, two, direct, b"not json")] == [b"s@x", b"s@x", b"t@x", None]
+    assert by_list_shares([one, two, direct], routing_key, 4) == 2
+    assert by_list_shares([one, two, direct], sender_key, 4) == 3
+    assert by_list_shares([one, two, direct], sender_key, 1) == 0  # one partition: nothing is routed
+    records = encode_all(realistic_events(2_000, seed=3))
+    assert by_list_shares(records, routing_key, 4) == 0
+    assert by_list_shares(records, sender_key, 4) == sum(1 for r in records if b'"lists"' in r) > 0
 
 
 @pytest.mark.timeout(1200)

@@ -278,8 +278,8 @@ def test_aborted_transactions_are_not_scored(live):
     if not _broker_drops_aborted_records(broker.bootstrap):
         pytest.skip("the embedded broker (Tansu 0.6.0) accepts transactions and writes commit and abort markers, "
                     "but its Fetch responses list no aborted transactions, so even a read_committed consumer "
-                    "reads an aborted transaction's records: not testable on Tansu (the worker consumes "
-                    "read_uncommitted anyway, aiokafka's default, and would score them on any broker)")
+                    "reads an aborted transaction's records: not testable on Tansu (the worker reads "
+                    "read_committed, so on Apache Kafka they are dropped)")
     records, processed, _ = _counts(worker)
     producer = _transactional(broker.bootstrap, "stormguard-test-abort")
     _produce_txn(producer, valid_records("txn-aborted"))
