@@ -124,6 +124,10 @@ class Action(msgspec.Struct, kw_only=True):
     actor: str = "stormguard"
     #: Stable identity of this decision, for idempotent consumers.
     action_id: str = ""
+    #: False in shadow mode (``STORMGUARD_ENFORCE=false``): the decision is published, and nothing
+    #: holds anything because of it. Not part of ``action_id``: a shadow decision and an enforced
+    #: one are the same decision.
+    enforced: bool = True
 
     def __post_init__(self) -> None:
         if not self.action_id:
@@ -141,3 +145,15 @@ def encode_action(action: Action) -> bytes:
 
 def decode_action(raw: bytes) -> Action:
     return _action_decoder.decode(raw)
+
+
+def shadow(action: Action) -> Action:
+    """The same decision, published in shadow mode: nothing is held because of it.
+
+    >>> a = Action(kind="freeze", list="l@x", sender=None, event_time=1.0, detector="d", score=1.0,
+    ...            message_id="m", reason="r")
+    >>> s = shadow(a)
+    >>> s.enforced, s.action_id == a.action_id
+    (False, True)
+    """
+    return msgspec.structs.replace(action, enforced=False)

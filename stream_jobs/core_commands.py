@@ -80,10 +80,11 @@ def _score(args) -> int:
     import msgspec
 
     from detectors.engine import StormDetector, process_raw
-    from detectors.policy import encode_action
-    from stream_jobs.settings import policy_from_env
+    from detectors.policy import encode_action, shadow
+    from stream_jobs.settings import WorkerSettings, policy_from_env
 
     detector = StormDetector(policy_from_env())
+    enforce = WorkerSettings.from_env().enforce  # shadow mode stamps decisions as the worker does
     out = sys.stdout.buffer
     dead = open(args.dead_letters, "wb") if args.dead_letters else None
     n = bad = 0
@@ -99,7 +100,7 @@ def _score(args) -> int:
                         dead.write(msgspec.json.encode({"record": lineno, "reason": outcome.error,
                                                         "raw": raw.decode("utf-8", "replace")}) + b"\n")
                 for action in outcome.actions:
-                    out.write(encode_action(action) + b"\n")
+                    out.write(encode_action(action if enforce else shadow(action)) + b"\n")
     except FileNotFoundError:
         print(f"stormguard score: no such file: {args.file}", file=sys.stderr)
         return 2

@@ -104,6 +104,7 @@ class WorkerSettings:
     model_save_ms: int = 500
     gc_freeze_s: float = 5.0
     order_wait_ms: int = 2000
+    enforce: bool = True
     dlq_max_bytes: int = 900_000
     crash_on_message_id: Optional[str] = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -225,6 +226,7 @@ class WorkerSettings:
             model_save_ms=num("STORMGUARD_MODEL_SAVE_MS", cls.model_save_ms),
             gc_freeze_s=num("STORMGUARD_GC_FREEZE_S", cls.gc_freeze_s, float),
             order_wait_ms=num("STORMGUARD_ORDER_WAIT_MS", cls.order_wait_ms),
+            enforce=flag("STORMGUARD_ENFORCE", cls.enforce),
             dlq_max_bytes=num("STORMGUARD_DLQ_MAX_BYTES", cls.dlq_max_bytes),
             crash_on_message_id=env.get("STORMGUARD_CRASH_ON_MESSAGE_ID") or None,
             policy=policy_from_env(env),
@@ -281,6 +283,11 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "permanent GC generation (`gc.freeze`), so full collections scan only newer objects: with a day of "
      "learned state they took 50-180 ms and set the tail latency. Once an hour everything is unfrozen and "
      "collected (one such pause an hour). 0: Python's default collector"),
+    ("STORMGUARD_ENFORCE", "true", "`false` is shadow mode, for a roll-out: every decision is made and "
+     "published on `stormguard.actions` with `\"enforced\": false`, but no list is held: "
+     "`stormguard.list-state` and `/api/lists` never show one frozen by Stormguard, Mailman, the HTTP sink "
+     "and the policy server do nothing, webhooks and Grafana say \"would freeze\". Operators' own freezes "
+     "through the admin API are still enforced"),
     ("STORMGUARD_ORDER_WAIT_MS", "2000", "longest wait, in milliseconds, for a partition that is behind "
      "(the broker has more of it) before newer events from the other partitions are scored anyway; the worker "
      "scores a list's events oldest first across partitions (`stream_jobs/event_order.py`), and caught-up "

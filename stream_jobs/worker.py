@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from detectors.engine import ListStatus, Outcome, StormDetector, process_raw
 from detectors.events import InvalidEvent, parse_event
-from detectors.policy import Action, encode_action
+from detectors.policy import Action, encode_action, shadow
 from kafka.partitioner.default import murmur2
 
 from stream_jobs import metrics
@@ -354,7 +354,9 @@ async def _on_ready(sender: Any = None, **kwargs: Any) -> None:
 # -- effects ----------------------------------------------------------------------------
 async def _publish(action: Action) -> None:
     key = (action.list or action.sender or "").encode()
-    if action.kind in ("freeze", "unfreeze") and action.list:
+    if not settings.enforce and action.actor == "stormguard":
+        action = shadow(action)
+    if action.enforced and action.kind in ("freeze", "unfreeze") and action.list:
         status = detector.list_status(action.list)
         list_state[action.list] = msgspec.structs.asdict(status)
         await list_state_topic.send(key=key, value=_status_encoder.encode(status))
@@ -510,7 +512,11 @@ async def prometheus_metrics(web, request):
 
 @app.page("/api/lists")
 async def frozen_lists(web, request):
-    return web.json({"frozen": [_status_json(s) for s in detector.frozen_lists()]})
+    frozen = detector.frozen_lists()
+    body = {"frozen": [_status_json(s) for s in frozen if _enforced(s).frozen]}
+    if not settings.enforce:
+        body["would_freeze"] = [_status_json(s) for s in frozen if not _enforced(s).frozen]
+    return web.json(body)
 
 
 @app.page("/api/lists/{address}")
@@ -555,11 +561,18 @@ class ListCommand(faust.web.View):
 
 
 def _status_of(address: str) -> ListStatus:
-    status = detector.list_status(address)
+    status = _enforced(detector.list_status(address))
     if not status.frozen:
         stored = list_state.get(address)
         if stored and stored.get("frozen"):
             return msgspec.convert(stored, ListStatus)
+    return status
+
+
+def _enforced(status: ListStatus) -> ListStatus:
+    """What gateways and operators are told: in shadow mode, Stormguard's own freezes are not freezes."""
+    if status.frozen and not settings.enforce and status.actor == "stormguard":
+        return ListStatus(list=status.list, frozen=False)
     return status
 
 

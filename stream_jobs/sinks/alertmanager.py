@@ -90,8 +90,12 @@ def group_key(labels: dict[str, str]) -> str:
 def _summary(action: Action) -> str:
     where = action.list or action.sender or "?"
     if action.kind == "freeze":
+        if not action.enforced:
+            return f"Reply-all storm on {where}: Stormguard would freeze the list (shadow mode: nothing held)"
         return f"Reply-all storm on {where}: list frozen (posts held for moderators)"
     if action.kind == "unfreeze":
+        if not action.enforced:
+            return f"Reply-all storm on {where} over: Stormguard would release the list (shadow mode)"
         return f"Reply-all storm on {where} over: list released"
     if alertname(action) == "FanoutAnomaly":
         target = f" to {action.list}" if action.list else ""
@@ -118,6 +122,7 @@ def alertmanager_payload(action: Action, starts_at: Optional[float] = None, exte
         "detector": action.detector,
         "score": f"{action.score:g}",
         "actor": action.actor,
+        "enforced": "true" if action.enforced else "false",
     }
     if action.message_id:
         annotations["message_id"] = action.message_id

@@ -28,6 +28,8 @@ from detectors.policy import Action
 from stream_jobs.sinks import Rejected, Sink, SinkError, Skip, retryable_status
 
 TAGS = ("stormguard", "freeze")
+#: A shadow-mode decision is its own region, so a dashboard can show what would have been frozen.
+SHADOW_TAGS = ("stormguard", "would-freeze")
 #: Most freeze annotations of one list looked at when searching for the open one.
 SEARCH_LIMIT = 100
 
@@ -85,32 +87,33 @@ class GrafanaSink(Sink):
                 await session.close()
             self._api = None
 
-    def tags(self, address: str) -> list[str]:
-        return [*TAGS, address]
+    def tags(self, address: str, enforced: bool = True) -> list[str]:
+        return [*(TAGS if enforced else SHADOW_TAGS), address]
 
-    async def open_annotations(self, address: str) -> list[dict]:
-        """The list's freeze annotations that have no end yet (normally at most one)."""
+    async def open_annotations(self, address: str, enforced: bool = True) -> list[dict]:
+        """The list's freeze (or, shadow, would-freeze) annotations that have no end yet (normally at most one)."""
         # grafana-client puts tags into the query string as they are: quote them ('+' in addresses).
         found = await self._call(self._api.annotations.find_annotations(
-            tags=[quote(t, safe="@") for t in self.tags(address)], ann_type="annotation",
+            tags=[quote(t, safe="@") for t in self.tags(address, enforced)], ann_type="annotation",
             dashboard_uid=self.dashboard_uid, limit=SEARCH_LIMIT))
-        tags = set(self.tags(address))
+        tags = set(self.tags(address, enforced))
         return [a for a in (found or []) if isinstance(a, dict) and tags <= set(a.get("tags") or ())
                 and is_open(a)]
 
     async def deliver(self, action: Action) -> None:
         await self.start()
         address = action.list
-        open_ = await self.open_annotations(address)
+        open_ = await self.open_annotations(address, action.enforced)
         if action.kind == "freeze":
             if open_:
                 return  # already marked (a redelivery, or a freeze of a frozen list)
-            text = f"Stormguard froze {address}: {action.reason}"
+            text = (f"Stormguard froze {address}: {action.reason}" if action.enforced else
+                    f"Stormguard would freeze {address} (shadow mode, nothing held): {action.reason}")
             if action.actor != "stormguard":
                 text += f" (by {action.actor})"
             await self._call(self._api.annotations.add_annotation(
-                dashboard_uid=self.dashboard_uid, time_from=_ms(action.event_time), tags=self.tags(address),
-                text=text))
+                dashboard_uid=self.dashboard_uid, time_from=_ms(action.event_time),
+                tags=self.tags(address, action.enforced), text=text))
             return
         if not open_:
             raise Skip("no open freeze annotation for this list")
@@ -118,7 +121,8 @@ class GrafanaSink(Sink):
         for annotation in open_:
             start = annotation.get("time") or 0
             await self._call(self._api.annotations.partial_update_annotation(
-                annotation["id"], time_to=max(end, start + 1), tags=list(annotation.get("tags") or self.tags(address))))
+                annotation["id"], time_to=max(end, start + 1),
+                tags=list(annotation.get("tags") or self.tags(address, action.enforced))))
 
     async def _call(self, coro):
         from grafana_client.client import GrafanaClientError, GrafanaException

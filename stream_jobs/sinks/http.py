@@ -118,7 +118,7 @@ class HttpSink(Sink):
         self._session = None
 
     def accepts(self, action: Action) -> bool:
-        return action.kind in self.kinds
+        return action.kind in self.kinds and action.enforced  # a shadow-mode decision holds nothing
 
     async def start(self) -> None:
         import aiohttp

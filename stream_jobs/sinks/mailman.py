@@ -45,7 +45,8 @@ class MailmanSink(Sink):
         self._client = None
 
     def accepts(self, action: Action) -> bool:
-        return action.kind in ("freeze", "unfreeze") and bool(action.list)
+        # a shadow-mode decision holds nothing
+        return action.kind in ("freeze", "unfreeze") and bool(action.list) and action.enforced
 
     def _connect(self):
         if self._client is None:

@@ -281,3 +281,34 @@ async def test_mailman_list_emergency_moderation_set_and_released(tmp_path):
     with pytest.raises(SinkError):
         await sink.deliver(action("freeze", lst=address))
     assert os.path.exists(core.cfg)
+
+
+async def test_shadow_mode_decisions_hold_nothing_and_say_would_freeze(tmp_path):
+    """STORMGUARD_ENFORCE=false: Mailman and the HTTP sink do nothing; webhooks and Grafana say "would"."""
+    from detectors.policy import shadow
+    from stream_jobs.sinks.mailman import MailmanSink
+
+    freeze, unfreeze = shadow(action("freeze")), shadow(action("unfreeze", t=T0 + 60))
+    assert not HttpSink("http://127.0.0.1:1/{list}").accepts(freeze)
+    assert HttpSink("http://127.0.0.1:1/{list}").accepts(action("freeze"))
+    mailman = MailmanSink("http://127.0.0.1:1", "restadmin", "x")
+    assert not mailman.accepts(freeze) and not mailman.accepts(unfreeze) and mailman.accepts(action("freeze"))
+
+    body = alertmanager_payload(freeze)
+    (alert,) = body["alerts"]
+    assert "would freeze" in alert["annotations"]["summary"] and alert["annotations"]["enforced"] == "false"
+    assert alertmanager_payload(action("freeze"))["alerts"][0]["annotations"]["enforced"] == "true"
+
+    with FakeGrafana(token="glsa_test") as grafana:
+        sink = GrafanaSink(grafana.url, "glsa_test", timeout=5)
+        try:
+            await sink.deliver(freeze)
+            await sink.deliver(action("freeze", t=T0 + 10))  # an operator's real freeze is its own region
+            shadowed = [a for a in grafana.annotations.values() if "would-freeze" in a["tags"]]
+            assert len(shadowed) == 1 and "would freeze" in shadowed[0]["text"]
+            await sink.deliver(unfreeze)
+            assert shadowed[0]["timeEnd"] == int((T0 + 60) * 1000)
+            real = [a for a in grafana.annotations.values() if "freeze" in a["tags"]]
+            assert len(real) == 1 and real[0]["timeEnd"] == real[0]["time"], "the real freeze is still open"
+        finally:
+            await sink.close()

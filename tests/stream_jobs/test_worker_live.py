@@ -166,3 +166,27 @@ def test_admin_api_needs_a_token_and_records_who_and_why(broker, start_worker):
     assert [(a["kind"], a["actor"], a["detector"]) for a in ops] == [("freeze", "alice", "operator"),
                                                                     ("unfreeze", "bob", "operator")]
     assert ops[0]["reason"] == "planned migration"
+
+
+def test_shadow_mode_decides_and_publishes_but_holds_nothing(broker, start_worker, tmp_path):
+    """STORMGUARD_ENFORCE=false: the same decisions as `stormguard score` in shadow mode, each with
+    "enforced": false; no list is frozen for gateways (list-state) or operators (/api/lists)."""
+    import os
+
+    events = background() + nhsmail_storm(T0 + 3000, replies=3)
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines(events)) + b"\n")
+    offline = subprocess.run(STORMGUARD + ["score", str(path)], cwd=ROOT, capture_output=True, check=True,
+                             env={**os.environ, "STORMGUARD_ENFORCE": "false"})
+    offline_actions = [json.loads(l) for l in offline.stdout.splitlines()]
+    assert offline_actions and all(a["enforced"] is False for a in offline_actions)
+
+    worker = start_worker(broker.url, env={"STORMGUARD_ENFORCE": "false"})
+    produce_lines(broker.bootstrap, lines(events))
+    live = wait_for(lambda: (a := _actions(broker)) and len(a) >= len(offline_actions) and a)
+    assert live == offline_actions
+    assert [a["kind"] for a in live].count("freeze") == 1
+    assert worker.get("/api/lists/all@nhs.net")["frozen"] is False
+    listed = worker.get("/api/lists")
+    assert listed["frozen"] == [] and [s["list"] for s in listed["would_freeze"]] == ["all@nhs.net"]
+    assert read_topic(broker.bootstrap, "stormguard.list-state") == []
