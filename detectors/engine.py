@@ -235,6 +235,9 @@ class StormDetector:
         self._freeze_times: deque[float] = deque()
         #: Recent records rejected as too far ahead (see FUTURE_CONFIRMATIONS).
         self._ahead: deque[float] = deque()
+        #: Messages learned as history (``learn_only_until``), and whether the current one is.
+        self.history_learned = 0
+        self._history = False
 
     # -- the decision path -------------------------------------------------------
     def process(self, event: MailEvent, lists: Optional[Collection[str]] = None) -> list[Action]:
@@ -285,9 +288,10 @@ class StormDetector:
                 return []
 
         actions: list[Action] = []
+        self._history = history = t <= cfg.learn_only_until
         if self.watermark is None or t > self.watermark:
             self.watermark = t
-            if t >= self._next_expiry:
+            if t >= self._next_expiry and not history:
                 actions.extend(self._expire(event))
 
         sender = self._sender(event.sender)
@@ -310,11 +314,14 @@ class StormDetector:
                 actions.extend(self._list_post(address, event.lists[address], event, sender, fanout_z, warm,
                                                trusted))
             if lists is not None and max(event.lists) not in lists:
-                return actions  # the share with the last list learns from the message as a whole
+                return [] if history else actions  # the share with the last list learns from the whole message
             self.largest_list = max(self.largest_list, max(event.lists.values()))
             sender.list_posts += 1
         sender.learn_one(deliveries)
         self.events_seen += 1
+        if history:
+            self.history_learned += 1
+            return []
         return actions
 
     def _list_post(self, address: str, members: int, event: MailEvent, sender: SenderFanout,
@@ -447,6 +454,8 @@ class StormDetector:
                 reason: str) -> Iterator[Action]:
         cfg = self.config
         t = event.event_time
+        if self._history:  # history is learned from, never acted on
+            return
         while self._freeze_times and self._freeze_times[0] <= t - 3600.0:
             self._freeze_times.popleft()
         if len(self._freeze_times) >= cfg.max_freezes_per_hour:

@@ -90,6 +90,11 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_senders: int = 2_000_000
     #: Most lists remembered; frozen lists are never forgotten.
     max_lists: int = 200_000
+    #: Epoch seconds: events up to this time are history, learned from but never acted on (no
+    #: freeze, no alert), so a first deployment starts with the habits the topic already shows
+    #: instead of freezing storms that ended days ago. 0: none. The worker sets it by itself at
+    #: its consumer group's first start (the newest event then in mail.events).
+    learn_only_until: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("warmup_events", "min_list_members", "anomalous_min_deliveries", "min_replies",

@@ -313,7 +313,9 @@ class Bench:
         # with --partitions already, so this says the same.
         env.update(STORMGUARD_BROKER=broker.url, STORMGUARD_APP_ID=app_id, STORMGUARD_WEB_PORT=str(web_port),
                    STORMGUARD_WEB_HOST="127.0.0.1", STORMGUARD_PARTITIONS=str(self.args.partitions),
-                   STORMGUARD_DATA_DIR=str(self.tmp / f"data-{app_id}"), PYTHONUNBUFFERED="1", **extra)
+                   STORMGUARD_DATA_DIR=str(self.tmp / f"data-{app_id}"), PYTHONUNBUFFERED="1",
+                   # the pre-filled topic is a backlog to catch up, not history to learn at a first start
+                   STORMGUARD_LEARN_HISTORY="false", **extra)
         return env
 
     def worker(self, broker: EmbeddedBroker, app_id: Optional[str] = None, **extra: str) -> ChildProcess:

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="events file (JSON lines), or - for stdin")
     p.add_argument("--dead-letters", metavar="FILE",
                    help="also write rejected records (raw line + reason) as JSON lines to FILE")
+    p.add_argument("--learn-only-until", type=float, metavar="EPOCH",
+                   help="events up to this event time are history: learned from, never acted on, as the live "
+                        "worker treats what mail.events held at its first start (its /healthz shows the value)")
     p.set_defaults(func=_score)
 
     p = sub.add_parser("settings", help="print every setting with its default and meaning (Markdown)")
@@ -83,7 +86,10 @@ def _score(args) -> int:
     from detectors.policy import encode_action, shadow
     from stream_jobs.settings import WorkerSettings, policy_from_env
 
-    detector = StormDetector(policy_from_env())
+    policy = policy_from_env()
+    if args.learn_only_until is not None:
+        policy = msgspec.structs.replace(policy, learn_only_until=args.learn_only_until)
+    detector = StormDetector(policy)
     enforce = WorkerSettings.from_env().enforce  # shadow mode stamps decisions as the worker does
     out = sys.stdout.buffer
     dead = open(args.dead_letters, "wb") if args.dead_letters else None

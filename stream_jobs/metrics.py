@@ -151,6 +151,12 @@ REPLIES = RecordCounter("stormguard_list_replies",
 DEAD_LETTER_FAILURES = Counter("stormguard_dead_letter_failures",
                                "Dead letters that could not be written to mail.events.dlq (the record was skipped)",
                                registry=REGISTRY)
+HISTORY_LEARNED = Gauge("stormguard_history_events_learned",
+                        "Events learned as history at the first start (learned from, never acted on)",
+                        registry=REGISTRY)
+HISTORY_UNTIL = Gauge("stormguard_history_learn_only_until_seconds",
+                      "Event time up to which mail.events is history (0: none)", registry=REGISTRY)
+LIVE = Gauge("stormguard_live", "1 once the worker acts on events (history learned), else 0", registry=REGISTRY)
 AGENT_DEATHS = Counter("stormguard_agent_deaths", "Agents that died (the worker exits right after)", ["agent"],
                        registry=REGISTRY)
 

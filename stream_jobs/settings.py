@@ -34,6 +34,11 @@ def by_list_topic(app_id: str) -> str:
     return f"{app_id}-{EVENTS_TOPIC}-by-list"
 
 
+def history_topic(app_id: str) -> str:
+    """Where a consumer group's first start records which events were history (one record, compacted)."""
+    return f"{app_id}-history"
+
+
 def changelog_topics(app_id: str) -> list[str]:
     """The worker's table changelogs (Faust names them ``<app id>-<table>-changelog``)."""
     return [f"{app_id}-list_state-changelog", f"{app_id}-list_models-changelog"]
@@ -105,6 +110,7 @@ class WorkerSettings:
     gc_freeze_s: float = 5.0
     order_wait_ms: int = 2000
     enforce: bool = True
+    learn_history: bool = True
     dlq_max_bytes: int = 900_000
     crash_on_message_id: Optional[str] = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -227,6 +233,7 @@ class WorkerSettings:
             gc_freeze_s=num("STORMGUARD_GC_FREEZE_S", cls.gc_freeze_s, float),
             order_wait_ms=num("STORMGUARD_ORDER_WAIT_MS", cls.order_wait_ms),
             enforce=flag("STORMGUARD_ENFORCE", cls.enforce),
+            learn_history=flag("STORMGUARD_LEARN_HISTORY", cls.learn_history),
             dlq_max_bytes=num("STORMGUARD_DLQ_MAX_BYTES", cls.dlq_max_bytes),
             crash_on_message_id=env.get("STORMGUARD_CRASH_ON_MESSAGE_ID") or None,
             policy=policy_from_env(env),
@@ -288,6 +295,11 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "`stormguard.list-state` and `/api/lists` never show one frozen by Stormguard, Mailman, the HTTP sink "
      "and the policy server do nothing, webhooks and Grafana say \"would freeze\". Operators' own freezes "
      "through the admin API are still enforced"),
+    ("STORMGUARD_LEARN_HISTORY", "true", "at a consumer group's first start, the events already in "
+     "`mail.events` (up to the newest one then) are history: learned from, never acted on (no freeze, no alert, "
+     "no webhook for a storm that ended days ago); the worker goes live after them. The cut-off is recorded on "
+     "`<app id>-history` so restarts and other workers agree, and shown in `/healthz` and "
+     "`stormguard_history_*`. `false`: act on everything. `STORMGUARD_LEARN_ONLY_UNTIL` sets the cut-off by hand"),
     ("STORMGUARD_ORDER_WAIT_MS", "2000", "longest wait, in milliseconds, for a partition that is behind "
      "(the broker has more of it) before newer events from the other partitions are scored anyway; the worker "
      "scores a list's events oldest first across partitions (`stream_jobs/event_order.py`), and caught-up "

@@ -115,6 +115,10 @@ EXIT_AFTER_DEATH_S = 2.0
 #: A list's partition (of mail.events and the by-list topic alike), as Java's and Faust's partitioner picks it.
 _home: dict[str, int] = {}
 _dead_letter_failures = 0
+#: Wall-clock time the first event past the history cut-off was scored (None: still learning history).
+_live_since: Optional[float] = None if settings.policy.learn_only_until else time.time()
+metrics.HISTORY_UNTIL.set(settings.policy.learn_only_until)
+metrics.LIVE.set(0 if _live_since is None else 1)
 
 
 # -- agents ---------------------------------------------------------------------------
@@ -174,6 +178,8 @@ async def score(stream):
                 else:
                     metrics.observe_event(detector, outcome, _record_time(event))
             _records_consumed += len(events)  # scored, routed or dead-lettered
+            if _live_since is None:
+                _note_history()
             _current_event.set(None)
             _save_models(changed_before=time.monotonic() - MODEL_SAVE_S)
     except Exception as exc:
@@ -181,6 +187,16 @@ async def score(stream):
         raise
     finally:
         _save_models_or_warn("on the way out")  # stopping or restarting: what was learned is kept
+
+
+def _note_history() -> None:
+    global _live_since
+    metrics.HISTORY_LEARNED.set(detector.history_learned)
+    if detector.watermark is not None and detector.watermark > settings.policy.learn_only_until:
+        _live_since = time.time()
+        metrics.LIVE.set(1)
+        log.warning("learned %d event(s) of history (up to event time %.0f); live from now on",
+                    detector.history_learned, settings.policy.learn_only_until)
 
 
 def _partition_of(address: str) -> int:
@@ -500,6 +516,9 @@ async def healthz(web, request):
     scheduler = getattr(app.consumer, "scheduler", None)
     return web.json({"status": "ok", "records": _records_consumed, "events_seen": detector.events_seen,
                      "frozen_lists": len(detector.frozen_lists()), "partitions": settings.partitions,
+                     "history": {"learn_only_until": settings.policy.learn_only_until or None,
+                                 "events_learned": detector.history_learned, "live": _live_since is not None,
+                                 "live_since": _live_since},
                      "dead_letter_failures": _dead_letter_failures,
                      "held_for_order": getattr(scheduler, "held", 0),
                      "released_out_of_order": getattr(scheduler, "released_early", 0)})

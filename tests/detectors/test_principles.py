@@ -129,3 +129,32 @@ def test_a_never_seen_list_of_everyone_is_frozen_at_the_first_reply():
     _, out = s.run()
     (action, ev), = freezes(out, "everyone@o")
     assert ev.message_id == ids[0]
+
+
+def test_history_is_learned_from_but_never_acted_on():
+    """A storm that ended before ``learn_only_until`` freezes nothing; what it taught stays, and the
+    detector acts on what comes after."""
+    from detectors.engine import StormDetector
+    from detectors.events import MailEvent
+    from detectors.policy import PolicyConfig
+
+    def storm(t0, lst, members):
+        root = MailEvent(message_id=f"{lst}-root", timestamp=t0, sender=f"boss-{lst}", recipients=[lst],
+                         lists={lst: members}, subject="test")
+        replies = [MailEvent(message_id=f"{lst}-{i}", timestamp=t0 + 10 * i, sender=f"r{i}-{lst}", recipients=[lst],
+                             lists={lst: members}, in_reply_to=root.message_id, subject="RE: test")
+                   for i in range(1, 5)]
+        return [root] + replies
+
+    old = storm(100.0, "all@nhs.net", 840_000)
+    live = StormDetector(PolicyConfig(warmup_events=0))
+    assert [a.kind for e in old for a in live.process(e)].count("freeze") == 1
+
+    seeded = StormDetector(PolicyConfig(warmup_events=0, learn_only_until=1000.0))
+    assert [a for e in old for a in seeded.process(e)] == []
+    assert not seeded.list_status("all@nhs.net").frozen and seeded.history_learned == 5
+    assert seeded.lists["all@nhs.net"].posts == 5 and seeded.largest_list == 840_000  # learned
+
+    new = storm(2000.0, "everyone@nhs.net", 900_000)
+    kinds = [a.kind for e in new for a in seeded.process(e)]
+    assert kinds[:2] == ["alert", "freeze"] and seeded.history_learned == 5

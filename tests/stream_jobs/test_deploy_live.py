@@ -19,6 +19,11 @@ from tests.scenarios import T0, background, lines, nhsmail_storm
 pytestmark = pytest.mark.live
 
 
+#: A worker catching up after an outage, not a first deployment: the backlog is acted on, not
+#: learned as history (test_history_live.py covers the first start).
+CATCHING_UP = {"STORMGUARD_LEARN_HISTORY": "false"}
+
+
 def _create_topic(bootstrap: str, name: str, partitions: int, **configs) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
 
@@ -85,7 +90,7 @@ def test_an_existing_six_partition_topic_is_followed(broker, start_worker, tmp_p
     _create_topic(broker.bootstrap, "mail.events", 6)
     events = backlog(3000)
     _produce(broker.bootstrap, lines(events), key=by_sender)
-    worker = start_worker(broker.url)
+    worker = start_worker(broker.url, env=CATCHING_UP)
     assert worker.get("/healthz")["partitions"] == 6
     freeze = wait_for(lambda: [a for a in _actions(broker) if a["kind"] == "freeze"], timeout=60)
     assert freeze[0]["message_id"] == "reply0", json.dumps([_actions(broker), _dead_letters(broker)[:3], worker.get("/healthz")])  # one reply-all delivered
@@ -141,7 +146,7 @@ def test_a_backlog_keyed_by_sender_is_scored_in_event_time_order(broker, start_w
     assert [a["message_id"] for a in offline if a["kind"] == "freeze"] == ["reply0"]
 
     _produce(broker.bootstrap, lines(events), key=by_sender if keys == "sender" else None)
-    worker = start_worker(broker.url)
+    worker = start_worker(broker.url, env=CATCHING_UP)
     wait_for(lambda: worker.get("/healthz")["records"] >= len(events), timeout=120, what="the backlog scored")
     assert _dead_letters(broker) == []  # nothing late
     live = wait_for(lambda: (a := _actions(broker)) and len(a) >= len(offline) and a)
