@@ -18,6 +18,7 @@ from stream_jobs.settings import SettingsError
 #: Modules that add sub-commands: each defines ``register(subparsers)``.
 EXTENSIONS: list[str] = [
     "stream_jobs.core_commands",
+    "stream_jobs.learn",
     "stream_jobs.deliver",
     "stream_jobs.postfix_ingest",
     "stream_jobs.postfix_policy",

@@ -20,6 +20,7 @@ Two changes, both measured by ``make bench`` (docs/performance.md):
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, AsyncIterator, cast
 
 import faust
@@ -53,7 +54,63 @@ def shorten_fetch_long_poll(fetch_max_wait_ms: int) -> None:
     _faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
 
 
-class BatchDrainConsumer(_faust_aiokafka.Consumer):
+def true_end_offsets(servers: list[str], security: dict, ends: dict) -> dict:
+    """``ends`` (partition -> end offset as the broker reports it), each raised to one past the last
+    record that a fetch from the reported end's last record returns.
+
+    The embedded broker (Tansu 0.6) reports a partition's end as the base offset of its last batch
+    plus one: when that batch holds several records, the others lie past the "end". Faust recovers a
+    table's changelog up to the end, so a restarted worker lost the tail of every changelog partition
+    whose last write was batched (its newest list models). On Apache Kafka the fetch returns that
+    very last record and nothing changes; a partition that ends in a transaction marker (which a
+    fetch does not return) keeps the reported end.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    todo = {TopicPartition(tp.topic, tp.partition): (tp, end) for tp, end in ends.items() if end}
+    if not todo:
+        return dict(ends)
+    out = dict(ends)
+    consumer = KafkaConsumer(bootstrap_servers=servers, group_id=None, enable_auto_commit=False,
+                             isolation_level="read_committed", **security)
+    try:
+        consumer.assign(list(todo))
+        for ktp, (_, end) in todo.items():
+            consumer.seek(ktp, end - 1)
+        pending, deadline = set(todo), time.monotonic() + 5.0
+        while pending and time.monotonic() < deadline:
+            for ktp, records in consumer.poll(timeout_ms=200).items():
+                tp, end = todo[ktp]
+                out[tp] = max(out[tp], records[-1].offset + 1)
+                pending.discard(ktp)
+            for ktp in list(pending):
+                if consumer.position(ktp) >= todo[ktp][1]:  # read past it: nothing more there
+                    pending.discard(ktp)
+    finally:
+        consumer.close()
+    return out
+
+
+class TrueEndConsumer(_faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer, with end offsets a table's recovery can trust (:func:`true_end_offsets`)."""
+
+    async def highwaters(self, *partitions):  # pragma: no cover - runs in the worker
+        ends = dict(await super().highwaters(*partitions))
+        from stream_jobs.replay import kafka_security
+
+        servers = [f"{u.host}:{u.port or 9092}" for u in self.app.conf.broker]
+        try:
+            return await asyncio.to_thread(true_end_offsets, servers, kafka_security(), ends)
+        except Exception as exc:  # the broker's own answer is still an answer
+            self.log.warning("could not check the end offsets the broker reported (%r)", exc)
+            return ends
+
+
+class TrueEndTransport(_faust_aiokafka.Transport):
+    Consumer = TrueEndConsumer
+
+
+class BatchDrainConsumer(TrueEndConsumer):
     """Faust's aiokafka consumer, delivering each fetched batch in one task.
 
     Mirrors ``faust.transport.consumer.Consumer._drain_messages`` (0.15.x)
@@ -175,6 +232,8 @@ class StormguardApp(faust.App):
         url = self.conf.broker_consumer[0]
         if self.fast_drain and url.scheme in ("kafka", "aiokafka"):
             return BatchDrainTransport(self.conf.broker_consumer, self)
+        if url.scheme in ("kafka", "aiokafka"):
+            return TrueEndTransport(self.conf.broker_consumer, self)
         return super()._new_transport()
 
 
