@@ -30,12 +30,17 @@ A list is frozen:
   ``min_replies`` reply-alls (three) from different people to one post are
   above its norm and harmful, in the velocity window, or within
   ``thread_window`` (a slow burn);
-* on a list too young to have a norm, when ``min_replies`` different people
-  reply-all to one post within ``thread_window`` (fan-in; a conversation, where
-  someone answers twice or the first poster answers, is not a storm);
+* on a list too young to have a norm (at a first deployment, every list), when
+  different people reply-all to one post (fan-in; a conversation, where
+  someone answers twice or the first poster answers, is not a storm) *with
+  evidence a lively discussion does not give*: a burst of reply-alls to the
+  post itself (the ``min_replies``-th within ``cold_reply_seconds`` of it,
+  each further one within that much more), or ``cold_harm_deliveries`` of
+  harm (a slow burn on a big list); on such a list, the first reply-all to an
+  anomalous post freezes only within ``anomalous_reply_window`` of the post;
 * on an open (discussion) list, or one whose habits are not known yet, only
-  at ``open_min_replies`` and ``open_factor`` times its learned norm, and
-  ``open_harm_deliveries``: a flood, not a lively afternoon.
+  at ``open_min_replies`` reply-alls, to one post, ``open_factor`` times its
+  learned norm, and ``open_harm_deliveries``: a flood, not a lively afternoon.
 
 Lists too small to hurt, discussion lists whose norm is lively, and big lists
 with one or two stray replies are left alone.
@@ -100,9 +105,10 @@ class ListStatus(msgspec.Struct, frozen=True, kw_only=True):
 class _Thread:
     """One thread on one list: was its first post anomalous, and who answered it."""
 
-    __slots__ = ("anomalous", "root_time", "replies", "counted", "poster", "repliers", "conversation")
+    __slots__ = ("anomalous", "root_time", "replies", "counted", "poster", "repliers", "conversation", "root_id",
+                 "direct")
 
-    def __init__(self, anomalous: bool, root_time: float, poster: str = ""):
+    def __init__(self, anomalous: bool, root_time: float, poster: str = "", root_id: str = ""):
         self.anomalous = anomalous
         self.root_time = root_time
         self.replies = 0
@@ -114,24 +120,35 @@ class _Thread:
         #: Someone answered twice, or the first poster answered: people are talking.
         #: A storm is fan-in instead: many different people, each answering once.
         self.conversation = False
+        #: Message-id of the first post (what a reply-all "to the post itself" answers).
+        self.root_id = root_id
+        #: Different people who answered the first post itself (not one of its replies): a storm's reflex
+        #: reply-alls all answer the post; in a discussion people soon answer each other.
+        self.direct = 0
 
     # Pickled for the worker's changelog once per batch per changed list: a
     # plain tuple pickles several times faster than the generic slots protocol.
     def __reduce__(self):
         return (_restore_thread, (self.anomalous, self.root_time, self.replies, self.counted, self.poster,
-                                  self.repliers, self.conversation))
+                                  self.repliers, self.conversation, self.root_id, self.direct))
 
-    def add_reply(self, sender: str) -> None:
+    def add_reply(self, sender: str, parent: Optional[str] = None) -> None:
+        """Count a reply-all from ``sender`` answering ``parent`` (a message-id; None: not known)."""
         self.replies += 1
         if sender == self.poster or sender in self.repliers:
             self.conversation = True
-        elif len(self.repliers) < 16:
+            return
+        if len(self.repliers) < 16:
             self.repliers.add(sender)
+        if parent is None or parent == self.root_id:
+            self.direct += 1
 
 
-def _restore_thread(anomalous, root_time, replies, counted, poster, repliers, conversation) -> _Thread:
-    thread = _Thread(anomalous, root_time, poster)
+def _restore_thread(anomalous, root_time, replies, counted, poster, repliers, conversation, root_id="",
+                    direct=None) -> _Thread:
+    thread = _Thread(anomalous, root_time, poster, root_id)
     thread.replies, thread.counted, thread.repliers, thread.conversation = replies, counted, repliers, conversation
+    thread.direct = len(repliers) if direct is None else direct  # models saved before the count existed
     return thread
 
 
@@ -363,7 +380,7 @@ class StormDetector:
             anomalous = (warm and not trusted and not regular and members >= cfg.anomalous_min_deliveries
                          and sender.max_deliveries < members and surprising)
             state.roots += 1
-            state.threads[thread_key] = _Thread(anomalous, t, event.sender)
+            state.threads[thread_key] = _Thread(anomalous, t, event.sender, event.message_id)
             state.threads.move_to_end(thread_key)
             if len(state.threads) > MAX_THREADS_PER_LIST:
                 state.threads.popitem(last=False)
@@ -382,15 +399,18 @@ class StormDetector:
         state.count_poster(event.sender)
         thread = state.threads.get(thread_key)
         if thread is None:  # its first post came before we started, or was lost: the thread starts here
-            thread = state.threads[thread_key] = _Thread(False, t)
+            thread = state.threads[thread_key] = _Thread(False, t, root_id=event.in_reply_to or "")
             state.roots += 1
             if len(state.threads) > MAX_THREADS_PER_LIST:
                 state.threads.popitem(last=False)
-        thread.add_reply(event.sender)
+        thread.add_reply(event.sender, event.in_reply_to)
         if not state.frozen:
             thread.counted += 1
             state.thread_replies += 1
-        open_list = state.is_open(cfg, upper, thread)
+        # A young list's velocity norm is a few hours old, and may be the storm's own first hours (a slow
+        # burn's first three replies made bulletin8's norm "3 an hour", a discussion's): until the list is
+        # established, only its other threads can show it is a discussion list.
+        open_list = state.is_open(cfg, upper if established else 0.0, thread)
         if state.frozen:
             velocity.hold(t)
             if not math.isinf(state.frozen_until):
@@ -401,11 +421,19 @@ class StormDetector:
         harm = n * members
         big_enough = members >= cfg.min_list_members and address not in cfg.allow_lists
         closed = established and not open_list
-        # A young list (habits not learned yet) that is not known to be open: a fan-in of distinct
-        # people answering one post is a storm; a conversation is not.
-        fan_in = (thread is not None and not established and not open_list and not thread.conversation
-                  and thread.replies >= cfg.min_replies and t - thread.root_time <= cfg.thread_window
+        # A young list (habits not learned yet) that is not known to be open: a fan-in of different
+        # people answering one post is a storm only with evidence that a lively discussion's first thread
+        # does not give (issue 14): a burst of reply-alls to the post itself, each replier after the
+        # min_replies-th given cold_reply_seconds more (three in 75 s, four in 150 s, five in 225 s: a
+        # discussion's answers are written, and people soon answer each other), or cold_harm_deliveries of
+        # harm. A conversation (someone answering twice, or the poster answering) is never one.
+        elapsed = t - thread.root_time
+        fan_in = (not established and not open_list and not thread.conversation
+                  and thread.replies >= cfg.min_replies and elapsed <= cfg.thread_window
                   and thread.replies * members >= cfg.harm_deliveries)
+        burst = (fan_in and thread.direct >= cfg.min_replies
+                 and elapsed <= cfg.cold_reply_seconds * (thread.direct - cfg.min_replies + 1))
+        cold_harm = fan_in and thread.replies * members >= cfg.cold_harm_deliveries
         slow = (thread is not None and closed and not thread.conversation
                 and t - thread.root_time <= cfg.thread_window
                 and thread.replies >= cfg.min_replies and thread.replies * members >= cfg.harm_deliveries)
@@ -415,13 +443,17 @@ class StormDetector:
             max(cfg.open_min_replies, math.floor(cfg.open_factor * upper) + 1)
         if not (big_enough and warm):
             pass
-        elif thread is not None and thread.anomalous and t - thread.root_time <= cfg.velocity_window:
+        elif thread.anomalous and elapsed <= (cfg.velocity_window if established else cfg.anomalous_reply_window):
             velocity.hold(t)
             yield from self._freeze(state, event, "reply_to_anomalous_post", float(n),
                                     f"reply-all #{thread.replies} to an anomalous post reaching {members} members")
             return
         elif n >= need and n > upper and harm >= (cfg.harm_deliveries if need == cfg.min_replies
-                                                   else cfg.open_harm_deliveries):
+                                                   else cfg.open_harm_deliveries) \
+                and thread.replies >= (cfg.min_replies if need == cfg.min_replies else cfg.open_min_replies) \
+                and (need != cfg.min_replies or thread.replies * members >= cfg.harm_deliveries):
+            # a storm is one post answered by many, and the harm that counts is that post's: two short
+            # threads at once on a 342-member list (five reply-alls in the hour) are a busy hour
             velocity.hold(t)
             yield from self._freeze(state, event, "reply_velocity", n / max(upper, 1.0),
                                     f"{n} reply-alls in {cfg.velocity_window / 60:.0f} min (norm <= {upper:.1f}) "
@@ -436,11 +468,19 @@ class StormDetector:
                                     f"{(t - thread.root_time) / 60:.0f} min caused "
                                     f"{thread.replies * members} deliveries to {members} members")
             return
-        elif fan_in:
+        elif burst:
             velocity.hold(t)
-            yield from self._freeze(state, event, "reply_fan_in", float(len(thread.repliers)),
+            yield from self._freeze(state, event, "reply_fan_in", float(thread.direct),
+                                    f"{thread.direct} different people reply-all to the post itself within "
+                                    f"{elapsed:.0f} s of it, to {members} members of a list without a learned "
+                                    "norm yet")
+            return
+        elif cold_harm:
+            velocity.hold(t)
+            yield from self._freeze(state, event, "reply_fan_in", float(thread.replies),
                                     f"{thread.replies} different people reply-all to one post to {members} "
-                                    f"members within {(t - thread.root_time) / 60:.0f} min of it")
+                                    f"members within {elapsed / 60:.0f} min of it: {thread.replies * members} "
+                                    "deliveries on a list without a learned norm yet")
             return
         if n >= 2 and n > upper and harm >= cfg.harm_deliveries / 2 and t >= state.alerted_until:
             # an alert does not stop the hour being learned: if it was nothing, it is the norm

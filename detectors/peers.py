@@ -7,9 +7,11 @@ it. A message that trips a rule is itself still delivered: the block applies
 to the messages after it, as in the live path.
 
 :class:`ExchangeReplyAllRule` is Exchange Online's reply-all storm protection
-with its defaults (``ReplyAllStormDetectionMinimumRecipients`` 5000,
-``ReplyAllStormDetectionMinimumReplies`` 10, a 60-minute window,
-``ReplyAllStormBlockDurationHours`` 6): per thread, not per list.
+as Microsoft documents it today (``Set-TransportConfig``; the 2021 "customizable settings"):
+``ReplyAllStormDetectionMinimumRecipients`` 2,500 (settable 1,000 to 5,000; 5,000 was the 2020
+default), ``ReplyAllStormDetectionMinimumReplies`` 10 (settable 5 to 20), a 60-minute detection
+window and ``ReplyAllStormBlockDurationHours`` 6 (settable 1 to 12): per thread, not per list.
+:meth:`ExchangeReplyAllRule.tightest` is its most sensitive setting (5 replies, 1,000 recipients).
 
 >>> from detectors.events import MailEvent
 >>> rule = ExchangeReplyAllRule()
@@ -24,6 +26,13 @@ with its defaults (``ReplyAllStormDetectionMinimumRecipients`` 5000,
 >>> small = ExchangeReplyAllRule()
 >>> any(small.check(reply(i, members=816)).held for i in range(300))  # under its recipient floor
 False
+>>> tight = ExchangeReplyAllRule.tightest()
+>>> [tight.check(reply(i, members=1_891)).held for i in range(7)], tight.name
+([False, False, False, False, False, True, True], 'exchange-tight')
+>>> ExchangeReplyAllRule(min_replies=30)
+Traceback (most recent call last):
+...
+ValueError: ReplyAllStormDetectionMinimumReplies is settable from 5 to 20, not 30
 
 :class:`StaticThresholdRule` is the classic list-server rate limit: a list is
 frozen once it takes more than ``max_posts`` reply-alls in ``window`` seconds,
@@ -75,16 +84,32 @@ class _Window:
 class ExchangeReplyAllRule:
     """Block a thread for ``block_hours`` once ``min_replies`` reply-alls to ``min_recipients``+ arrive in ``window``."""
 
-    name = "exchange"
+    #: Exchange Online's documented defaults and the ranges it lets an administrator set.
+    DEFAULT_MIN_RECIPIENTS, MIN_RECIPIENTS_RANGE = 2500, (1000, 5000)
+    DEFAULT_MIN_REPLIES, MIN_REPLIES_RANGE = 10, (5, 20)
+    DEFAULT_BLOCK_HOURS, BLOCK_HOURS_RANGE = 6.0, (1.0, 12.0)
 
-    def __init__(self, min_recipients: int = 5000, min_replies: int = 10, window: float = 3600.0,
-                 block_hours: float = 6.0):
+    def __init__(self, min_recipients: int = DEFAULT_MIN_RECIPIENTS, min_replies: int = DEFAULT_MIN_REPLIES,
+                 window: float = 3600.0, block_hours: float = DEFAULT_BLOCK_HOURS, name: str = "exchange"):
+        for setting, value, (lo, hi) in (("ReplyAllStormDetectionMinimumRecipients", min_recipients,
+                                          self.MIN_RECIPIENTS_RANGE),
+                                         ("ReplyAllStormDetectionMinimumReplies", min_replies, self.MIN_REPLIES_RANGE),
+                                         ("ReplyAllStormBlockDurationHours", block_hours, self.BLOCK_HOURS_RANGE)):
+            if not lo <= value <= hi:
+                raise ValueError(f"{setting} is settable from {lo:g} to {hi:g}, not {value:g}")
+        self.name = name
         self.min_recipients, self.min_replies = min_recipients, min_replies
         self.window, self.block = window, block_hours * 3600.0
         self.blocked_until: dict[str, float] = {}
         self.windows: defaultdict[str, _Window] = defaultdict(_Window)
         #: (event time, thread) of every block.
         self.fired: list[tuple[float, str]] = []
+
+    @classmethod
+    def tightest(cls) -> "ExchangeReplyAllRule":
+        """The most sensitive setting Exchange allows: 5 reply-alls to 1,000+ recipients."""
+        return cls(min_recipients=cls.MIN_RECIPIENTS_RANGE[0], min_replies=cls.MIN_REPLIES_RANGE[0],
+                   name="exchange-tight")
 
     def check(self, event: MailEvent) -> Verdict:
         t = event.event_time

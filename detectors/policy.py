@@ -51,13 +51,34 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     open_harm_deliveries: int = 20_000
     #: A list seen for the first time is only "anomalous" (frozen on its first
     #: reply-all) when its first post reaches at least this many members, and
-    #: more than any list seen before; other new lists are frozen by the fan-in
-    #: rule after ``min_replies``.
+    #: more than any list seen before; other new lists are frozen by the
+    #: cold-start evidence (``cold_reply_seconds``, ``cold_harm_deliveries``).
     new_list_min_members: int = 20_000
     #: Seconds of event time a list must have been seen before its own norm is
     #: trusted: until then it may be a discussion list whose habits are not
     #: learned yet, so the velocity rule needs ``open_min_replies``.
     list_warmup: float = 24 * 3600.0
+    #: On a list younger than ``list_warmup`` (at a first deployment, every
+    #: list), the first reply-all to an anomalous post freezes only within
+    #: this many seconds of the post: a storm's first reply-alls come within
+    #: seconds (at most 41 s in 20 seeds of NHSmail and the never-seen list),
+    #: a stray reply to a big bulletin comes hours later.
+    anomalous_reply_window: float = 300.0
+    #: On a list younger than ``list_warmup``, different people reply-alling
+    #: to the post itself freeze it only in a burst: the ``min_replies``-th
+    #: within this many seconds of the post, each further one within this much
+    #: more (three in 75 s, four in 150 s, five in 225 s). A discussion's
+    #: answers are written, and people soon answer each other: of every
+    #: thread on 8 lively lists over 3 days in 20 seeds, the fastest had its
+    #: third different replier to the post at 122 s, its fourth at 262 s and
+    #: its fifth at 299 s (docs/simulate-evaluate.md, "Cold start").
+    cold_reply_seconds: float = 75.0
+    #: Or, on a list younger than ``list_warmup``, when the reply-alls of
+    #: different people to one post (within ``thread_window``, no one twice)
+    #: have caused this many deliveries: a slow burn on a big list. A lively
+    #: discussion's thread, before people answer each other, did at most
+    #: 21,000 (seven people on a 3,000-member list).
+    cold_harm_deliveries: int = 40_000
     #: Seconds a thread on a closed list stays one storm: ``min_replies``
     #: reply-alls to one bulletin within this time freeze it however slowly
     #: they came (a slow burn), as long as they did ``harm_deliveries`` harm.
@@ -99,11 +120,11 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def __post_init__(self) -> None:
         for name in ("warmup_events", "min_list_members", "anomalous_min_deliveries", "min_replies",
                      "open_min_replies", "new_list_min_members", "harm_deliveries", "open_harm_deliveries",
-                     "max_freezes_per_hour", "max_senders", "max_lists"):
+                     "cold_harm_deliveries", "max_freezes_per_hour", "max_senders", "max_lists"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("velocity_window", "thread_window", "list_warmup", "cooldown",
-                     "max_lateness", "max_future_skew"):
+                     "max_lateness", "max_future_skew", "anomalous_reply_window", "cold_reply_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds")
         if self.open_factor < 1.0:

@@ -1,15 +1,17 @@
 """``stormguard evaluate``: Stormguard against Exchange's rule and a static threshold.
 
-Each storm scenario is run in a closed loop four times, from the same seed:
+Each storm scenario is run in a closed loop five times, from the same seed:
 with no protection (the storm as it was), with Stormguard as the gateway's
-decision maker, with Exchange Online's default reply-all rule and with a static
-list rate limit (:mod:`detectors.peers`). Because the simulated storm only
+decision maker, with Exchange Online's reply-all rule at its documented default
+(10 reply-alls to 2,500+ recipients) and at its tightest setting (5 to 1,000+),
+and with a static list rate limit (:mod:`detectors.peers`). Because the simulated storm only
 grows from delivered messages, every run is the unstopped one pruned where its
 rule started holding mail, so deliveries prevented are like for like.
 
-Benign traffic (a simulated week of a 50,000-person organisation, and the
-two real traces of ``../shared/data``) is run once through all three rules, to
-count false freezes and alerts. A storm is then injected into each real trace
+Benign traffic (a simulated week of a 50,000-person organisation, a first
+deployment among lively discussion lists, such lists created in a warm
+stream, and the two real traces of ``../shared/data``) is run once through
+every rule, to count false freezes and alerts. A storm is then injected into each real trace
 on an all-members list.
 
 Offline (default) the detectors run in-process, exactly as ``stormguard
@@ -32,7 +34,8 @@ from detectors.engine import StormDetector
 from detectors.events import InvalidEvent, MailEvent
 from detectors.peers import ExchangeReplyAllRule, StaticThresholdRule
 from detectors.policy import Action, PolicyConfig
-from stream_jobs.simulate import (STORM_SCENARIOS, OpenGateway, Run, Scenario, scenario, scenario_events)
+from stream_jobs.simulate import (BENIGN_SCENARIOS, STORM_SCENARIOS, OpenGateway, Run, Scenario, scenario,
+                                  scenario_events)
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -102,6 +105,7 @@ class FanGateway:
 
 def make_gateways(config: Optional[PolicyConfig] = None) -> dict[str, Any]:
     return {"stormguard": StormguardGateway(config), "exchange": PeerGateway(ExchangeReplyAllRule()),
+            "exchange-tight": PeerGateway(ExchangeReplyAllRule.tightest()),
             "static": PeerGateway(StaticThresholdRule())}
 
 
@@ -133,14 +137,19 @@ def _curve(run: Run, t0: float) -> list[tuple[float, int]]:
 def measure(run: Run, gateway, unstopped: int, t0: float, storm_list: str) -> GuardResult:
     freezes = [(t, k) for t, k in gateway.freezes()]
     storm_keys = (storm_list, )
-    mine = [t for t, k in freezes if k in storm_keys or (k or "").startswith("s:") and _thread_is_storm(run, k)]
+
+    def is_storm(t: float, k: Optional[str]) -> bool:
+        # a freeze of the storm's list before the storm began is a false freeze (its own first post, days before)
+        return t >= t0 and (k in storm_keys or (k or "").startswith("s:") and _thread_is_storm(run, k))
+
+    mine = [t for t, k in freezes if is_storm(t, k)]
     freeze_t = min(mine) if mine else None
     replies = [(t, ok) for t, _, ok, reply in run.storm_log if reply]
     delivered = sum(1 for _, ok in replies if ok)
     before = sum(1 for t, ok in replies if ok and (freeze_t is None or t <= freeze_t))
     made = sum(d for _, d, ok, _ in run.storm_log if ok)
     prevented = max(0, unstopped - made)
-    false = [k for t, k in freezes if not (k in storm_keys or (k or "").startswith("s:") and _thread_is_storm(run, k))]
+    false = [k for t, k in freezes if not is_storm(t, k)]
     alerts = [k for _, k in gateway.alerts() if k != storm_list]
     return GuardResult(gateway.name, None if freeze_t is None else round(freeze_t - t0, 1), before, delivered, made,
                        prevented, round(100.0 * prevented / unstopped, 2) if unstopped else 0.0, len(false),
@@ -165,6 +174,8 @@ class ScenarioResult:
     unstopped_messages: int
     unstopped_deliveries: int
     guards: dict[str, GuardResult]
+    #: The detector started with no history on the storm's day (issue 14).
+    cold: bool = False
 
     @property
     def passed(self) -> Optional[bool]:
@@ -191,7 +202,7 @@ def evaluate_storm(sc: Scenario, config: Optional[PolicyConfig] = None, live_gat
         run = scenario_events(sc, gw)
         guards[name] = measure(run, gw, unstopped, t0, sc.storm.list_address)
     return ScenarioResult(sc.name, sc.description, sc.seed, sc.criterion, sc.storm.members, events,
-                          open_run.storm_messages, unstopped, guards)
+                          open_run.storm_messages, unstopped, guards, sc.cold)
 
 
 @dataclass
@@ -225,35 +236,72 @@ def evaluate_benign(sc: Scenario, config: Optional[PolicyConfig] = None) -> Beni
 
 
 # -- the whole evaluation --------------------------------------------------------------------------
-def evaluate_all(scenarios: list[str], seed: int = 0, benign_days: float = 7.0, traces: bool = True,
-                 data_dir: Path = DEFAULT_DATA, config: Optional[PolicyConfig] = None, progress: bool = True,
-                 live=None) -> dict:
-    from tqdm import tqdm
-
-    storms: list[ScenarioResult] = []
-    benign: list[BenignResult] = []
+def _jobs(scenarios: list[str], seed: int, benign_days: float, traces: bool, data_dir: Path) -> list[tuple[str, Any]]:
+    """(kind, scenario builder) for one seed; scenarios are built when their turn comes (the traces are big)."""
     jobs: list[tuple[str, Any]] = []
     for name in scenarios:
-        jobs.append(("benign" if name == "benign-week" else "storm", scenario(name, seed,
-                     benign_days if name == "benign-week" else None)))
+        days = benign_days if name == "benign-week" else None
+        jobs.append(("benign" if name in BENIGN_SCENARIOS else "storm",
+                     lambda name=name, days=days: scenario(name, seed, days)))
+        jobs[-1][1]()  # an unknown name fails now, not halfway through
     if traces:
         from stream_jobs.traces import TRACES, trace_scenario
 
         for tname in TRACES:
             path = data_dir / TRACES[tname].file
             if path.exists():
-                jobs.append(("benign", trace_scenario(tname, path, seed=seed, storm=False)))
-                jobs.append(("storm", trace_scenario(tname, path, seed=seed, storm=True)))
+                for storm in (False, True):
+                    jobs.append(("storm" if storm else "benign",
+                                 lambda tname=tname, path=path, storm=storm: trace_scenario(tname, path, seed=seed,
+                                                                                             storm=storm)))
             else:
                 print(f"stormguard evaluate: {path} not found; skipping the {tname} trace", file=sys.stderr)
+    return jobs
+
+
+def _run_job(kind: str, build, config: Optional[PolicyConfig], live) -> Any:
+    sc = build()
+    if kind == "benign":
+        return evaluate_benign(sc, config)
+    return evaluate_storm(sc, config, live.gateway(sc) if live is not None else None)
+
+
+def evaluate_all(scenarios: list[str], seed: int = 0, benign_days: float = 7.0, traces: bool = True,
+                 data_dir: Path = DEFAULT_DATA, config: Optional[PolicyConfig] = None, progress: bool = True,
+                 live=None) -> dict:
+    from tqdm import tqdm
+
+    jobs = _jobs(scenarios, seed, benign_days, traces, data_dir)
     started = time.monotonic()
-    for kind, sc in tqdm(jobs, desc="evaluate", unit="scenario", disable=not progress, file=sys.stderr):
-        if kind == "benign":
-            benign.append(evaluate_benign(sc, config))
-        else:
-            lg = live.gateway(sc) if live is not None else None
-            storms.append(evaluate_storm(sc, config, lg))
-    return to_json(storms, benign, seed, time.monotonic() - started, live is not None)
+    results = [_run_job(kind, build, config, live)
+               for kind, build in tqdm(jobs, desc="evaluate", unit="scenario", disable=not progress, file=sys.stderr)]
+    return to_json([r for r in results if isinstance(r, ScenarioResult)],
+                   [r for r in results if isinstance(r, BenignResult)], seed, time.monotonic() - started,
+                   live is not None)
+
+
+def evaluate_seeds(scenarios: list[str], seeds: list[int], benign_days: float = 7.0, traces: bool = True,
+                   data_dir: Path = DEFAULT_DATA, config: Optional[PolicyConfig] = None,
+                   progress: bool = True) -> dict:
+    """:func:`evaluate_all` for each seed (offline), with one progress bar over every scenario of every seed."""
+    from tqdm import tqdm
+
+    jobs = [(seed, kind, build) for seed in seeds for kind, build in _jobs(scenarios, seed, benign_days, traces,
+                                                                          data_dir)]
+    started = time.monotonic()
+    per_seed: dict[int, list] = {seed: [] for seed in seeds}
+    with tqdm(total=len(jobs), desc=f"evaluate {len(seeds)} seeds", unit="scenario", disable=not progress,
+              file=sys.stderr) as bar:
+        for seed, kind, build in jobs:
+            bar.set_postfix_str(f"seed {seed}", refresh=False)
+            per_seed[seed].append(_run_job(kind, build, config, None))
+            bar.update()
+    runs = [to_json([r for r in rs if isinstance(r, ScenarioResult)], [r for r in rs if isinstance(r, BenignResult)],
+                    seed, 0.0) for seed, rs in per_seed.items()]
+    for run in runs:
+        for s in run["storms"]:
+            s.pop("curves")  # 20 seeds of plot data is megabytes nobody reads
+    return {"seeds": list(seeds), "mode": "offline", "seconds": round(time.monotonic() - started, 1), "runs": runs}
 
 
 def to_json(storms: list[ScenarioResult], benign: list[BenignResult], seed: int, seconds: float,
@@ -267,7 +315,7 @@ def to_json(storms: list[ScenarioResult], benign: list[BenignResult], seed: int,
         "seconds": round(seconds, 1),
         "storms": [{
             "scenario": s.name, "description": s.description, "seed": s.seed, "members": s.members,
-            "criterion_max_replies": s.criterion, "passed": s.passed, "events": s.events,
+            "criterion_max_replies": s.criterion, "passed": s.passed, "cold": s.cold, "events": s.events,
             "unstopped_messages": s.unstopped_messages, "unstopped_deliveries": s.unstopped_deliveries,
             "guards": {n: guard(g) for n, g in s.guards.items()},
             "curves": {n: g.curve for n, g in s.guards.items()},
@@ -280,9 +328,11 @@ def to_json(storms: list[ScenarioResult], benign: list[BenignResult], seed: int,
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="measure Stormguard against Exchange's reply-all rule and a static "
                                         "threshold on simulated storms, benign traffic and the real traces")
-    p.add_argument("--scenarios", default=",".join(STORM_SCENARIOS + ["benign-week"]),
+    p.add_argument("--scenarios", default=",".join(STORM_SCENARIOS + BENIGN_SCENARIOS),
                    help="comma-separated scenario names (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seeds", type=_seed_list, metavar="A-B|A,B,...",
+                   help="evaluate every one of these seeds (offline) and report them seed by seed, e.g. 0-19")
     p.add_argument("--benign-days", type=float, default=7.0, help="days of the benign week (default 7)")
     p.add_argument("--no-traces", action="store_true", help="skip the real traces")
     p.add_argument("--data", default=str(DEFAULT_DATA), help=f"directory of the real traces (default {DEFAULT_DATA})")
@@ -300,11 +350,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evaluate)
 
 
+def _seed_list(text: str) -> list[int]:
+    """``0-19`` or ``0,3,7`` (or both: ``0-4,9``).
+
+    >>> _seed_list("0-3,9")
+    [0, 1, 2, 3, 9]
+    """
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are A-B or A,B,...: {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("no seeds")
+    return list(dict.fromkeys(seeds))
+
+
 def _evaluate(args) -> int:
     from stream_jobs.settings import policy_from_env
 
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     config = policy_from_env()
+    if args.seeds:
+        return _evaluate_seeds(args, names, config)
     live = None
     try:
         if args.live:
@@ -334,4 +404,32 @@ def _evaluate(args) -> int:
     from stream_jobs.report import summary_table
 
     print(summary_table(result), file=sys.stderr)
+    return 0
+
+
+def _evaluate_seeds(args, names: list[str], config: PolicyConfig) -> int:
+    from stream_jobs.report import seeds_markdown
+
+    if args.live:
+        print("stormguard evaluate: --seeds runs offline only", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_seeds(names, args.seeds, benign_days=args.benign_days, traces=not args.no_traces,
+                                data_dir=Path(args.data), config=config, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"stormguard evaluate: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        text = json.dumps(result, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    md = seeds_markdown(result)
+    if args.report:
+        directory = Path(args.report)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "seeds.md").write_text(md)
+        print(f"stormguard evaluate: report written to {directory / 'seeds.md'}", file=sys.stderr)
+    print(md, file=sys.stderr)
     return 0

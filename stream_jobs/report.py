@@ -3,7 +3,9 @@
 ``write_report(result, directory)`` takes the JSON of ``stormguard evaluate``
 and writes ``report.md`` beside one ``<scenario>.png`` per storm: cumulative
 deliveries of the storm over event time, unstopped, with Stormguard, with
-Exchange's rule and with the static rule, each freeze marked.
+Exchange's rule (its default and its tightest setting) and with the static
+rule, each freeze marked. ``seeds_markdown`` turns ``stormguard evaluate
+--seeds``' JSON into seed-by-seed tables.
 
 >>> print(_num(507_360_000), _num(3_264), _num(None))
 507.4M 3,264 -
@@ -14,10 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-GUARDS = ("stormguard", "exchange", "static")
-LABELS = {"unstopped": "no protection", "stormguard": "Stormguard", "exchange": "Exchange default rule",
+GUARDS = ("stormguard", "exchange", "exchange-tight", "static")
+LABELS = {"unstopped": "no protection", "stormguard": "Stormguard",
+          "exchange": "Exchange default rule (10 reply-alls, 2,500+ recipients)",
+          "exchange-tight": "Exchange tightest setting (5 reply-alls, 1,000+ recipients)",
           "static": "static threshold (20/h)"}
-COLOURS = {"unstopped": "#999999", "stormguard": "#1b7837", "exchange": "#d6604d", "static": "#4393c3"}
+COLOURS = {"unstopped": "#999999", "stormguard": "#1b7837", "exchange": "#d6604d", "exchange-tight": "#f4a582",
+           "static": "#4393c3"}
 
 
 def _num(n: Optional[float]) -> str:
@@ -61,7 +66,7 @@ def plot_storm(storm: dict, path: Path) -> Path:
             x = g["freeze_after_s"] / 60.0
             ax.axvline(x, color=COLOURS[name], ls="--", lw=0.9)
             ax.text(x, 0.04 + 0.07 * GUARDS.index(name),
-                    f" {'freeze' if name != 'exchange' else 'thread blocked'} ({_dur(g['freeze_after_s'])})",
+                    f" {'thread blocked' if name.startswith('exchange') else 'freeze'} ({_dur(g['freeze_after_s'])})",
                     transform=ax.get_xaxis_transform(), color=COLOURS[name], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylim(bottom=max(1, storm["members"]) * 0.5)
@@ -99,29 +104,87 @@ def storm_rows(result: dict) -> list[str]:
 
 def benign_rows(result: dict) -> list[str]:
     rows = ["| traffic | events | list posts | lists | Stormguard freezes | Stormguard alerts | Exchange blocks "
-            "| static freezes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "(default / tightest) | static freezes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for b in result["benign"]:
         rows.append(f"| {b['name']} | {b['events']:,} | {b['list_posts']:,} | {b['lists']} | "
-                    f"{b['freezes']['stormguard']} | {b['alerts']['stormguard']} | {b['freezes']['exchange']} | "
-                    f"{b['freezes']['static']} |")
+                    f"{b['freezes']['stormguard']} | {b['alerts']['stormguard']} | {b['freezes']['exchange']} / "
+                    f"{b['freezes'].get('exchange-tight', '-')} | {b['freezes']['static']} |")
     return rows
 
 
 def summary_table(result: dict) -> str:
     """A short plain-text summary for the terminal."""
-    lines = [f"{'scenario':22} {'limit':>5} {'Stormguard':>22} {'Exchange':>22} {'prevented SG / EX':>20}"]
+    lines = [f"{'scenario':22} {'limit':>5} {'Stormguard':>22} {'Exchange default':>22} {'Exchange tightest':>22} "
+             f"{'prevented SG / EX / EX-tight':>28}"]
     for s in result["storms"]:
-        sg, ex = s["guards"].get("stormguard", {}), s["guards"].get("exchange", {})
+        sg, ex, et = (s["guards"].get(k, {}) for k in ("stormguard", "exchange", "exchange-tight"))
         lines.append(f"{s['scenario']:22} {s['criterion_max_replies'] or '-':>5} "
-                     f"{sg.get('replies_delivered_before_freeze', '-'):>4} replies, {_dur(sg.get('freeze_after_s')):>8}"
-                     f"   {ex.get('replies_delivered_before_freeze', '-'):>4} replies, {_dur(ex.get('freeze_after_s')):>8}"
-                     f"   {sg.get('prevented_pct', 0):6.2f}% / {ex.get('prevented_pct', 0):6.2f}%"
+                     + "".join(f"{g.get('replies_delivered_before_freeze', '-'):>4} replies, "
+                               f"{_dur(g.get('freeze_after_s')):>8}   " for g in (sg, ex, et))
+                     + f"{sg.get('prevented_pct', 0):6.2f}% / {ex.get('prevented_pct', 0):6.2f}% / "
+                     f"{et.get('prevented_pct', 0):6.2f}%"
                      + ("" if s["passed"] else "   (criterion missed)" if s["passed"] is False else ""))
     for b in result["benign"]:
         lines.append(f"{b['name']:22} benign: {b['freezes']['stormguard']} Stormguard freezes, "
-                     f"{b['alerts']['stormguard']} alerts, {b['freezes']['exchange']} Exchange blocks, "
+                     f"{b['alerts']['stormguard']} alerts, {b['freezes']['exchange']} / "
+                     f"{b['freezes'].get('exchange-tight', '-')} Exchange blocks (default / tightest), "
                      f"{b['freezes']['static']} static freezes ({b['events']:,} events)")
     return "\n".join(lines)
+
+
+def _seed_cells(values: list) -> str:
+    return " ".join("–" if v is None else str(v) for v in values)
+
+
+def seeds_markdown(result: dict) -> str:
+    """Seed-by-seed tables of ``stormguard evaluate --seeds``: reply-alls before each freeze, false freezes."""
+    seeds, runs = result["seeds"], result["runs"]
+    span = f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
+    names = list(dict.fromkeys(s["scenario"] for run in runs for s in run["storms"]))
+    md = [f"Seeds {span} ({len(seeds)}), offline, {result['seconds']:.0f} s. Reply-alls delivered before the "
+          "freeze (– : never frozen), seed by seed, and the limit: 1 where the first post is anomalous, 3 with "
+          "history, 5 at a cold start.", "",
+          "| scenario | start | limit | Stormguard, seed by seed | worst | met | Stormguard false freezes "
+          "| Exchange default: median (never) | Exchange tightest: median (never) |",
+          "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+
+    def median(xs: list) -> str:
+        got = sorted(x for x in xs if x is not None)
+        return "-" if not got else str(got[len(got) // 2])
+
+    for name in names:
+        storms = [next((s for s in run["storms"] if s["scenario"] == name), None) for run in runs]
+        storms = [s for s in storms if s is not None]
+        sg = [s["guards"]["stormguard"]["replies_delivered_before_freeze"]
+              if s["guards"]["stormguard"]["freeze_after_s"] is not None else None for s in storms]
+        peers = []
+        for key in ("exchange", "exchange-tight"):
+            vals = [s["guards"][key]["replies_delivered_before_freeze"] if key in s["guards"]
+                    and s["guards"][key]["freeze_after_s"] is not None else None for s in storms]
+            peers.append(f"{median(vals)} ({sum(v is None for v in vals)})")
+        limit = storms[0]["criterion_max_replies"]
+        met = sum(bool(s["passed"]) for s in storms)
+        worst = "never" if None in sg else max(sg)
+        false = sum(s["guards"]["stormguard"]["false_freezes"] for s in storms)
+        md.append(f"| {name} | {'cold' if storms[0].get('cold') else 'history'} | {limit} | {_seed_cells(sg)} | "
+                  f"{worst} | {met}/{len(storms)} | {false} | {peers[0]} | {peers[1]} |")
+    md += ["", "Benign traffic, freezes seed by seed (every one a false freeze):", "",
+           "| traffic | Stormguard, seed by seed | total | Stormguard alerts (total) | Exchange default / tightest "
+           "(total) | static (total) |", "|---|---|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(b["name"] for run in runs for b in run["benign"]):
+        bs = [b for run in runs for b in run["benign"] if b["name"] == name]
+        sg = [b["freezes"]["stormguard"] for b in bs]
+        md.append(f"| {name} | {_seed_cells(sg)} | **{sum(sg)}** | {sum(b['alerts']['stormguard'] for b in bs)} | "
+                  f"{sum(b['freezes']['exchange'] for b in bs)} / "
+                  f"{sum(b['freezes'].get('exchange-tight', 0) for b in bs)} | "
+                  f"{sum(b['freezes']['static'] for b in bs)} |")
+    frozen = sorted({(b["name"], run["seed"], lst) for run in runs for b in run["benign"]
+                     for lst in b["frozen_lists"]["stormguard"]})
+    frozen += sorted({(s["scenario"], run["seed"], f"{s['guards']['stormguard']['false_freezes']} in the background")
+                      for run in runs for s in run["storms"] if s["guards"]["stormguard"]["false_freezes"]})
+    if frozen:
+        md += ["", "Stormguard's false freezes:", ""] + [f"- {n} seed {seed}: {what}" for n, seed, what in frozen]
+    return "\n".join(md) + "\n"
 
 
 def write_report(result: dict, directory: Path) -> Path:
@@ -131,7 +194,8 @@ def write_report(result: dict, directory: Path) -> Path:
           f"Mode: {result['mode']}; seed {result['seed']}; {result['seconds']} s to run. Generated by "
           "`stormguard evaluate`. Times are event time; a freeze holds every later post to the list "
           "(the triggering reply-all itself was already delivered). Exchange's rule blocks the storm's thread "
-          "once 10 reply-alls to 5,000+ recipients arrive within 60 minutes; the static rule freezes a list "
+          "once 10 reply-alls to 2,500+ recipients arrive within 60 minutes (its documented default; its "
+          "tightest setting: 5 reply-alls to 1,000+); the static rule freezes a list "
           "of 100+ members after more than 20 reply-alls within 60 minutes.", "",
           "## Storms", ""]
     md += storm_rows(result)

@@ -104,7 +104,7 @@ class ListSpec:
 
     address: str
     members: int
-    kind: str  # "bulletin" | "discussion"
+    kind: str  # "bulletin" | "discussion" | "lively"
     owner: str = ""
     #: bulletin: weekdays it posts on (0=Mon) and the hour; discussion: threads per working hour.
     days: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -112,6 +112,8 @@ class ListSpec:
     threads_per_hour: float = 0.0
     #: bulletin: chance a post gets a stray reply-all; discussion: mean replies per thread.
     replies: float = 0.0
+    #: lively: epoch seconds of the list's first thread (it does not exist before).
+    since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,11 @@ class Org:
     bulletins: int = 0
     discussions: int = 0
     all_staff: bool = True
+    #: *Lively* discussion lists, the shape of issue 14: 200 to 3,000 members, about
+    #: ``LIVELY_ACTIVE`` of them active, threads of 4 to 15 reply-alls a few minutes apart.
+    lively: int = 0
+    #: Epoch seconds from which the lively lists exist (0: from the start of the traffic).
+    lively_since: float = 0.0
 
     def person(self, i: int) -> str:
         return f"p{int(i)}@{self.domain}"
@@ -153,6 +160,12 @@ class Org:
             out.append(ListSpec(f"talk{i}@{self.domain}", max(size, 3), "discussion",
                                 threads_per_hour=float(rng.uniform(0.05, 1.0)),
                                 replies=float(rng.uniform(1.0, 6.0))))
+        # their own random stream, so that an organisation without them is unchanged byte for byte
+        lrng = _rng(seed, self.domain, "lively")
+        for i in range(self.lively):
+            size = int(math.exp(lrng.uniform(math.log(200), math.log(3000))))
+            out.append(ListSpec(f"forum{i}@{self.domain}", min(size, n), "lively",
+                                threads_per_hour=float(lrng.uniform(0.4, 1.2)), since=self.lively_since))
         return out
 
 
@@ -233,7 +246,7 @@ def benign_events(org: Org, start: float, end: float, seed: int) -> Iterator[Mai
                                                    recipients=[spec.address, spec.owner],
                                                    lists={spec.address: spec.members}, in_reply_to=root,
                                                    subject="RE: " + subject))
-            else:
+            elif spec.kind == "discussion":
                 nthreads = int(rng.poisson(spec.threads_per_hour * w * _WORKDAY_SUM))
                 for _ in range(nthreads):
                     t = h + float(rng.random()) * 3600
@@ -256,11 +269,68 @@ def benign_events(org: Org, start: float, end: float, seed: int) -> Iterator[Mai
                                                    recipients=[spec.address], lists={spec.address: spec.members},
                                                    in_reply_to=parent, subject="RE: " + subject))
                         parent, last = mid, who
+            elif h + 3600 > spec.since:  # lively
+                for ev in lively_threads(org, spec, h, seed):
+                    pending.push(ev.event_time, ev)
         for ev in pending.pop_until(min(h + 3600, end)):
             if ev.event_time >= start:
                 yield ev
         if h + 3600 >= end:
             break
+
+
+#: Active members of a lively discussion list (issue 14: "about 60 active members each").
+LIVELY_ACTIVE = 60
+
+
+def lively_threads(org: Org, spec: ListSpec, hour: int, seed: int) -> list[MailEvent]:
+    """The threads a lively discussion list starts in one hour (issue 14's shape), with all their replies.
+
+    About ``LIVELY_ACTIVE`` people write to the list. A thread draws 4 to 15 reply-alls, the first a few
+    minutes after the post (mean 4 min), the next ones a few minutes apart (mean 3 min; gamma-distributed
+    with shape 2, so a gap of under 30 s happens one time in twenty). The first answers come from
+    different people answering the post; later on people answer each other (and the poster answers
+    back) more and more. Each list and hour has its own random stream.
+    """
+    if spec.kind != "lively":
+        raise ValueError(f"{spec.address} is not a lively list")
+    pool_rng = _rng(seed, spec.address, "pool")
+    pool = [int(x) for x in dict.fromkeys(pool_rng.integers(0, org.people, size=LIVELY_ACTIVE * 2).tolist())]
+    pool = pool[:LIVELY_ACTIVE]
+    rng = _rng(seed, spec.address, hour)
+    w = hour_weight(hour)
+    out: list[MailEvent] = []
+    for k in range(int(rng.poisson(spec.threads_per_hour * w * _WORKDAY_SUM))):
+        t = max(hour + float(rng.random()) * 3600, spec.since)
+        if t >= hour + 3600:
+            continue
+        tag = f"{spec.address.split('@')[0]}.{hour // 3600}.{k}.{seed}@{org.domain}"
+        root, subject = f"<f{tag}>", f"{spec.address.split('@')[0]} question {hour // 3600}.{k}"
+        poster = pool[int(rng.integers(0, len(pool)))]
+        out.append(MailEvent(message_id=root, timestamp=round(t, 3), sender=org.person(poster),
+                             recipients=[spec.address], lists={spec.address: spec.members}, subject=subject))
+        messages = [(root, poster)]
+        talking = [poster]
+        tr = t + float(rng.gamma(2.0, 120.0))
+        for j in range(int(rng.integers(4, 16))):
+            if j:
+                tr += float(rng.gamma(2.0, 90.0))
+            # the first answers are to the post; later ones more and more to each other
+            parent_id, parent_author = messages[0] if j == 0 or rng.random() < 0.35 else \
+                messages[max(1, len(messages) - 1 - int(rng.integers(0, 3)))]
+            back = [p for p in talking if p != parent_author]
+            if back and rng.random() < min(0.75, 0.15 * j):
+                who = back[int(rng.integers(0, len(back)))]
+            else:
+                fresh = [p for p in pool if p not in talking]
+                who = fresh[int(rng.integers(0, len(fresh)))] if fresh else back[0]
+                talking.append(who)
+            mid = f"<f{tag}.{j}>"
+            out.append(MailEvent(message_id=mid, timestamp=round(tr, 3), sender=org.person(who),
+                                 recipients=[spec.address], lists={spec.address: spec.members},
+                                 in_reply_to=parent_id, subject="RE: " + subject))
+            messages.append((mid, who))
+    return out
 
 
 # -- storms -------------------------------------------------------------------------------
@@ -307,15 +377,18 @@ class Scenario:
     sender_history: int = 0
     #: Replaces the simulated organisation's traffic (the real traces use it).
     background: Optional[Callable[[], Iterable[MailEvent]]] = None
+    #: A cold start: the detector starts with no history on the storm's day (issue 14).
+    cold: bool = False
 
     @property
     def criterion(self) -> Optional[int]:
-        """Most reply-alls that may be delivered before the freeze (issue 2's 'Done when')."""
+        """Most reply-alls that may be delivered before the freeze (issue 2's 'Done when'; issue 14 at a
+        cold start: 1 for an anomalous first post, else 5)."""
         if self.storm is None:
             return None
         if self.storm.max_replies is not None:
             return self.storm.max_replies
-        return 1 if self.storm.anomalous_root else 3
+        return 1 if self.storm.anomalous_root else 5 if self.cold else 3
 
 
 class Gateway(Protocol):
@@ -500,7 +573,8 @@ def _small_org(seed: int, days: float) -> Scenario:
                       subject="Fire drill on Thursday", root_replies=60, root_delay_min=20.0, branching=0.8,
                       reply_delay_min=6.0, duration_min=120.0, domain=org.domain, anomalous_root=False)
     return Scenario("small-org", "an all-staff announcement in an 816-person organisation (under Exchange's "
-                    "5,000-recipient floor) from its usual sender turns into a storm", seed, org,
+                    "recipient floor: 2,500 by default, 1,000 at its tightest) from its usual sender turns into a "
+                    "storm", seed, org,
                     at - days * 86400, at + 3 * 3600, storm)
 
 
@@ -522,16 +596,66 @@ def _benign_week(seed: int, days: float) -> Scenario:
                     "replies, discussion lists; no storm", seed, org, start, start + max(days, 1.0) * 86400)
 
 
-#: name -> (builder(seed, background_days), default background days)
-SCENARIOS: dict[str, tuple[Callable[[int, float], Scenario], float]] = {
+#: Lively discussion lists in the cold-start scenarios (issue 14: eight of them).
+COLD_LIVELY_LISTS = 8
+_LIVELY_START = epoch("2016-11-14T00:00:00Z")  # a Monday
+
+
+def _lively_cold(seed: int, days: float) -> Scenario:
+    org = Org(domain="newco.example", people=20_000, msgs_per_day=2.0, sample=0.2, lively=COLD_LIVELY_LISTS)
+    return Scenario("lively-cold", f"a first deployment: no history at all, in a 20,000-person organisation whose "
+                    f"{COLD_LIVELY_LISTS} lively discussion lists (200-3,000 members, ~{LIVELY_ACTIVE} active, threads of "
+                    "4-15 reply-alls minutes apart) start on day one; no storm", seed, org, _LIVELY_START,
+                    _LIVELY_START + max(days, 1.0) * 86400, cold=True)
+
+
+def _lively_new(seed: int, days: float) -> Scenario:
+    since = _LIVELY_START + 3 * 86400
+    org = Org(domain="newco.example", people=20_000, msgs_per_day=2.0, sample=0.2, lively=COLD_LIVELY_LISTS,
+              lively_since=since)
+    return Scenario("lively-new", f"steady state: {COLD_LIVELY_LISTS} lively discussion lists are created after "
+                    "three days of an organisation's ordinary traffic; no storm", seed, org, _LIVELY_START,
+                    since + max(days, 1.0) * 86400)
+
+
+def _cold(name: str, build: Callable[[int, float], Scenario]) -> Callable[[int, Optional[float]], Scenario]:
+    """``build``'s storm at a cold start: the traffic (and the detector) start at midnight of the storm's day,
+    or ``days`` before the storm, with the organisation's lively discussion lists in it."""
+    def cold(seed: int, days: Optional[float]) -> Scenario:
+        sc = build(seed, 0.0)
+        assert sc.storm is not None
+        at = sc.storm.at
+        sc.start = at - days * 86400 if days is not None else math.floor(at / 86400) * 86400
+        sc.name, sc.cold = name, True
+        sc.org = replace(sc.org, lively=COLD_LIVELY_LISTS)
+        sc.description = (f"{sc.description}; at a cold start (no history before "
+                          f"{_dt.datetime.fromtimestamp(sc.start, _dt.timezone.utc):%a %H:%M}, "
+                          f"{COLD_LIVELY_LISTS} lively discussion lists in the background)")
+        return sc
+    return cold
+
+
+#: name -> (builder(seed, background_days), default background days; None: since midnight of the storm's day)
+SCENARIOS: dict[str, tuple[Callable[[int, float], Scenario], Optional[float]]] = {
     "nhsmail": (_nhsmail, 3.4),
     "bulletin-storm": (_bulletin_storm, 7.5),
     "slow-burn": (_slow_burn, 7.0),
     "small-org": (_small_org, 7.0),
     "new-list": (_new_list, 2.0),
     "benign-week": (_benign_week, 7.0),
+    "nhsmail-cold": (_cold("nhsmail-cold", _nhsmail), None),
+    "bulletin-storm-cold": (_cold("bulletin-storm-cold", _bulletin_storm), None),
+    "slow-burn-cold": (_cold("slow-burn-cold", _slow_burn), None),
+    "small-org-cold": (_cold("small-org-cold", _small_org), None),
+    "new-list-cold": (_cold("new-list-cold", _new_list), None),
+    "lively-cold": (_lively_cold, 3.0),
+    "lively-new": (_lively_new, 2.0),
 }
-STORM_SCENARIOS = [n for n in SCENARIOS if n != "benign-week"]
+#: Scenarios without a storm (benign traffic: every freeze is a false one).
+BENIGN_SCENARIOS = ["benign-week", "lively-cold", "lively-new"]
+STORM_SCENARIOS = [n for n in SCENARIOS if n not in BENIGN_SCENARIOS]
+#: The scenarios of issue 2 (with history), as before issue 14.
+WARM_SCENARIOS = ["nhsmail", "bulletin-storm", "slow-burn", "small-org", "new-list", "benign-week"]
 
 
 def scenario(name: str, seed: int = 0, background_days: Optional[float] = None, people: Optional[int] = None,

@@ -41,9 +41,9 @@ def test_nhsmail_stormguard_freezes_after_one_reply_and_prevents_more_than_excha
 
 
 def test_exchange_never_fires_under_its_recipient_floor_but_stormguard_does(small_org):
-    sg, ex = small_org.guards["stormguard"], small_org.guards["exchange"]
-    assert small_org.members < 5000
-    assert ex.freeze_after_s is None and ex.prevented == 0
+    sg, ex, tight = (small_org.guards[k] for k in ("stormguard", "exchange", "exchange-tight"))
+    assert small_org.members < 1000  # under even the tightest floor Exchange can be set to
+    assert ex.freeze_after_s is None and ex.prevented == 0 and tight.freeze_after_s is None
     assert sg.replies_delivered_before_freeze <= 3 and sg.prevented_pct > 90
     assert sg.false_freezes == 0
 
@@ -54,12 +54,13 @@ def test_json_and_report_with_plots(nhsmail, small_org, tmp_path):
     benign = evaluate_benign(scenario("benign-week", 2, 1.0, sample=0.05))
     result = json.loads(json.dumps(to_json([nhsmail, small_org], [benign], 1, 1.0)))
     assert result["storms"][0]["guards"]["stormguard"]["replies_delivered_before_freeze"] == 1
-    assert result["benign"][0]["freezes"] == {"stormguard": 0, "exchange": 0, "static": 0}
+    assert result["benign"][0]["freezes"] == {"stormguard": 0, "exchange": 0, "exchange-tight": 0, "static": 0}
     curve = result["storms"][0]["curves"]["unstopped"]
     assert curve[-1][1] == result["storms"][0]["unstopped_deliveries"]
     report = write_report(result, tmp_path)
     text = report.read_text()
     assert "| **nhsmail** | 840,000 |" in text and "Exchange default rule" in text
+    assert "2,500+ recipients" in text and "Exchange tightest setting" in text and "5,000" not in text
     assert "![nhsmail](nhsmail.png)" in text and "benign-week" in text
     png = (tmp_path / "nhsmail.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -127,3 +128,57 @@ def test_cli_evaluate_writes_json_and_report(tmp_path):
     result = json.loads(out.read_text())
     assert [s["scenario"] for s in result["storms"]] == ["small-org"] and result["storms"][0]["passed"]
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "small-org.png").exists()
+
+
+def test_exchange_as_documented_today_default_and_tightest(nhsmail):
+    rule = ExchangeReplyAllRule()
+    assert (rule.min_recipients, rule.min_replies, rule.window, rule.block) == (2500, 10, 3600.0, 6 * 3600.0)
+    tight = ExchangeReplyAllRule.tightest()
+    assert (tight.min_recipients, tight.min_replies) == (1000, 5)
+    for bad in ({"min_recipients": 999}, {"min_recipients": 5001}, {"min_replies": 4}, {"min_replies": 21},
+                {"block_hours": 13}):
+        with pytest.raises(ValueError):
+            ExchangeReplyAllRule(**bad)
+
+    def replies(members):  # one reply-all a minute to one thread
+        return [MailEvent(message_id=f"r{i}", timestamp=1e9 + 60 * i, sender=f"p{i}@o", recipients=["l@o"],
+                          lists={"l@o": members}, in_reply_to="m0", subject="RE: x") for i in range(12)]
+
+    # a 3,000-member list: under the 2020 floor (5,000), over today's default (2,500)
+    default, old = ExchangeReplyAllRule(), ExchangeReplyAllRule(min_recipients=5000)
+    assert [default.check(e).fired for e in replies(3000)].index(True) == 9
+    assert not any(old.check(e).fired for e in replies(3000))
+    # a 1,891-member list: only the tightest setting sees it, and blocks after the fifth reply-all
+    default = ExchangeReplyAllRule()
+    assert not any(default.check(e).fired for e in replies(1891))
+    t = ExchangeReplyAllRule.tightest()
+    assert [t.check(e).held for e in replies(1891)][:7] == [False] * 5 + [True, True]
+    # on NHSmail the tightest setting lets five through, the default ten, Stormguard one
+    sg, ex, ext = (nhsmail.guards[k] for k in ("stormguard", "exchange", "exchange-tight"))
+    assert (sg.replies_delivered_before_freeze, ext.replies_delivered_before_freeze,
+            ex.replies_delivered_before_freeze) == (1, 5, 10)
+    assert sg.prevented > ext.prevented > ex.prevented
+
+
+def test_cli_evaluate_seeds_reports_seed_by_seed(tmp_path):
+    from stream_jobs.cli import main
+
+    out = tmp_path / "seeds.json"
+    assert main(["evaluate", "--scenarios", "small-org-cold,lively-cold", "--seeds", "0-1", "--benign-days", "1",
+                 "--no-traces", "--no-progress", "--json", str(out), "--report", str(tmp_path / "rep")]) == 0
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [0, 1] and [r["seed"] for r in result["runs"]] == [0, 1]
+    cold = [r["storms"][0] for r in result["runs"]]
+    assert all(s["scenario"] == "small-org-cold" and s["cold"] and s["criterion_max_replies"] == 5 for s in cold)
+    md = (tmp_path / "rep" / "seeds.md").read_text()
+    cells = " ".join(str(s["guards"]["stormguard"]["replies_delivered_before_freeze"]) for s in cold)
+    assert f"| small-org-cold | cold | 5 | {cells} |" in md
+    assert "| lively-cold | 0 0 | **0** |" in md
+
+
+def test_seed_lists():
+    from stream_jobs.evaluate import _seed_list
+
+    assert _seed_list("0-19") == list(range(20)) and _seed_list("3,1,3") == [3, 1]
+    with pytest.raises(Exception):
+        _seed_list("a-b")

@@ -138,3 +138,52 @@ def test_cli_closed_loop_holds_posts_to_the_frozen_list(tmp_path, capsys):
     events, held, storm, delivered = map(int, m.groups())
     assert held > 0 and delivered <= 4  # the first post and at most three reply-alls
     assert len(out.read_bytes().splitlines()) == events  # held messages are still submitted events
+
+
+@pytest.mark.parametrize("name,days,sample,digest", [("small-org", 0.5, None, "e164efa13ffeb347612ffd5c"),
+                                                     ("nhsmail", 0.5, 0.02, "0dee5370534d7e0b09c9d459"),
+                                                     ("benign-week", 1.0, 0.02, "67d17aea41a1a66cc38c850a")])
+def test_the_scenarios_of_issue_2_are_unchanged_byte_for_byte(name, days, sample, digest):
+    # digests taken before the lively lists and the cold starts were added (issue 14): same seed, same events
+    assert unstopped(name, 3, background_days=days, sample=sample).digest == digest
+
+
+def test_lively_discussion_lists_have_the_shape_of_issue_14():
+    from collections import defaultdict
+
+    sc = scenario("lively-cold", 4, background_days=3.0, sample=0.01)
+    assert sc.cold and sc.storm is None and sc.org.lively == 8
+    posts: dict[str, list[MailEvent]] = defaultdict(list)
+    for ev in benign_events(sc.org, sc.start, sc.end, sc.seed):
+        for lst in ev.lists:
+            if lst.startswith("forum"):
+                posts[lst].append(ev)
+    assert len(posts) == 8
+    for lst, evs in posts.items():
+        members = {ev.lists[lst] for ev in evs}
+        assert len(members) == 1 and 200 <= members.pop() <= 3000
+        assert 20 <= len({ev.sender for ev in evs}) <= 60  # of about 60 active members
+        by_root: dict[str, list[MailEvent]] = defaultdict(list)
+        ids = {}
+        for ev in evs:
+            root = ev.message_id if not ev.in_reply_to else ids[ev.in_reply_to]
+            ids[ev.message_id] = root
+            by_root[root].append(ev)
+        gaps = []
+        for thread in by_root.values():
+            assert not thread[0].in_reply_to and 4 <= len(thread) - 1 <= 15
+            gaps += [b.event_time - a.event_time for a, b in zip(thread, thread[1:])]
+        assert 120 < sum(gaps) / len(gaps) < 300  # a few minutes apart
+        # people answer each other: some replies answer a reply, some people answer twice
+        assert any(ids.get(ev.in_reply_to) != ev.in_reply_to for ev in evs if ev.in_reply_to)
+        assert any(len({e.sender for e in t}) < len(t) for t in by_root.values())
+
+
+def test_a_cold_start_begins_on_the_storm_day_with_the_same_storm():
+    warm, cold = scenario("small-org", 2), scenario("small-org-cold", 2)
+    assert cold.cold and not warm.cold and cold.criterion == 5 and warm.criterion == 3
+    assert cold.storm == warm.storm and cold.start == 86400 * (warm.storm.at // 86400) > warm.start
+    assert scenario("nhsmail-cold", 0).criterion == 1
+    a = unstopped("small-org-cold", 2)
+    assert a.digest == unstopped("small-org-cold", 2).digest != unstopped("small-org-cold", 3).digest
+    assert a.storm_log == unstopped("small-org", 2, background_days=0.2).storm_log  # the storm itself is the same
