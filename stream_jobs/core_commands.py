@@ -52,7 +52,7 @@ def _settings(args) -> int:
 
 
 def _broker(args) -> int:
-    from stream_jobs.broker import BrokerError, run_foreground
+    from stream_jobs.kafka.broker import BrokerError, run_foreground
 
     try:
         return run_foreground(args.port, args.host)
@@ -62,7 +62,7 @@ def _broker(args) -> int:
 
 
 def _run(args) -> int:
-    from stream_jobs.serve import run_worker
+    from stream_jobs.worker.serve import run_worker
 
     return run_worker(broker=args.broker, web_port=args.web_port, embedded_port=args.embedded_port)
 
@@ -119,7 +119,7 @@ def _score(args) -> int:
 
 
 def _replay(args) -> int:
-    from stream_jobs.replay import ReplayError, replay_file
+    from stream_jobs.kafka.replay import ReplayError, replay_file
 
     try:
         n = replay_file(args.file, broker=args.broker, rate=args.rate, topic=args.topic,

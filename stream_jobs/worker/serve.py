@@ -31,7 +31,7 @@ def ensure_topics(broker: str, partitions: int, app_id: str = "stormguard") -> i
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-    from stream_jobs.replay import bootstrap_servers, kafka_security
+    from stream_jobs.kafka.replay import bootstrap_servers, kafka_security
 
     servers = bootstrap_servers(broker)
     try:
@@ -110,8 +110,8 @@ def history_cutoff(broker: str, app_id: str) -> float:
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-    from stream_jobs.event_order import event_time_of
-    from stream_jobs.replay import bootstrap_servers, kafka_security
+    from stream_jobs.worker.event_order import event_time_of
+    from stream_jobs.kafka.replay import bootstrap_servers, kafka_security
 
     servers, security = bootstrap_servers(broker), kafka_security()
     topic = history_topic(app_id)
@@ -206,7 +206,7 @@ def _iso(t: float) -> str:
 
 
 def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, embedded_port: int = 9092) -> int:
-    from stream_jobs.broker import BrokerError, EmbeddedBroker
+    from stream_jobs.kafka.broker import BrokerError, EmbeddedBroker
 
     embedded = None
     broker = broker or os.environ.get("STORMGUARD_BROKER")
@@ -239,7 +239,7 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
                       "never acted on", file=sys.stderr, flush=True)
         from faust.worker import Worker
 
-        from stream_jobs.worker import app
+        from stream_jobs.worker.app import app
 
         print(f"stormguard: worker {settings.app_id} consuming {EVENTS_TOPIC} from {broker}; "
               f"HTTP on :{settings.web_port} (/healthz, /metrics, /api/lists/ADDRESS)", file=sys.stderr, flush=True)

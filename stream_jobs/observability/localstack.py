@@ -25,8 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from stream_jobs.broker import free_port
-from stream_jobs.processes import ChildProcess, WorkerProcess, http_ok
+from stream_jobs.kafka.broker import free_port
+from stream_jobs.worker.processes import ChildProcess, WorkerProcess, http_ok
 
 STORM_LIST = "all@nhs.example"
 
@@ -192,8 +192,8 @@ def storm_events(end: float, seed: int = 0, background: int = 400, replies: int 
 
 
 def produce(broker_url: str, records: list[bytes], rate: float = 0.0) -> int:
-    from stream_jobs.replay import make_producer
-    from stream_jobs.replay import produce as _produce
+    from stream_jobs.kafka.replay import make_producer
+    from stream_jobs.kafka.replay import produce as _produce
 
     producer = make_producer(broker_url)
     try:

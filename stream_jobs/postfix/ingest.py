@@ -633,7 +633,7 @@ def _ingest_postfix_log(args) -> int:
 
         close = lambda: None  # noqa: E731
     else:
-        from stream_jobs.replay import ReplayError, make_producer, routing_key
+        from stream_jobs.kafka.replay import ReplayError, make_producer, routing_key
 
         try:
             producer = make_producer(args.broker)

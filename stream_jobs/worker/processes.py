@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
-from stream_jobs.broker import free_port
+from stream_jobs.kafka.broker import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ProcessError(RuntimeError):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator, Optional, TextIO, Union
 
 from detectors.events import MailEvent
-from stream_jobs.simulate import Org, Scenario, StormSpec, epoch
+from stream_jobs.evaluation.simulate import Org, Scenario, StormSpec, epoch
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The worker only ever *produces* to ``stormguard.actions`` (the outbox), so
 scoring never waits on a receiver. This separate process consumes that topic
-and hands every action to every configured sink (:mod:`stream_jobs.sinks`):
+and hands every action to every configured sink (:mod:`stream_jobs.actions.sinks`):
 Alertmanager-v4 webhooks, Grafana annotations, Mailman emergency moderation,
 a generic HTTP request.
 
@@ -55,7 +55,7 @@ from typing import Optional
 
 from detectors.policy import Action, decode_action
 from stream_jobs.settings import ACTIONS_TOPIC, SettingsError
-from stream_jobs.sinks import Rejected, Sink, Skip, describe, sinks_from_env
+from stream_jobs.actions.sinks import Rejected, Sink, Skip, describe, sinks_from_env
 
 log = logging.getLogger("stormguard.deliver")
 
@@ -423,7 +423,7 @@ class Deliverer:
     """All sink runners of one process, plus the optional /healthz and /metrics server."""
 
     def __init__(self, sinks: list[Sink], settings: DeliverSettings, environ: Optional[dict] = None):
-        from stream_jobs.replay import bootstrap_servers
+        from stream_jobs.kafka.replay import bootstrap_servers
 
         if not sinks:
             raise SettingsError("no sink configured: set STORMGUARD_WEBHOOK_URLS, GRAFANA_URL, "

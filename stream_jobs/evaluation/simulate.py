@@ -580,12 +580,12 @@ def _simulate(args) -> int:
     gateway: Gateway
     live = None
     if args.broker:
-        from stream_jobs.demo import LiveGateway
+        from stream_jobs.evaluation.demo import LiveGateway
 
         live = gateway = LiveGateway(args.broker, args.worker_url, speed=args.speed,
                                      watch=[sc.storm.list_address] if sc.storm else [])
     elif args.closed_loop:
-        from stream_jobs.evaluate import StormguardGateway
+        from stream_jobs.evaluation.evaluate import StormguardGateway
 
         gateway = StormguardGateway()
     else:

@@ -174,7 +174,7 @@ class KafkaStateFeed:
     def _consume(self) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
-        from stream_jobs.replay import bootstrap_servers, kafka_security
+        from stream_jobs.kafka.replay import bootstrap_servers, kafka_security
 
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers(self.broker), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",

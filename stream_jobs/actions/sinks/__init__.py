@@ -3,7 +3,7 @@
 A sink turns one :class:`~detectors.policy.Action` into one effect on one
 receiver (an Alertmanager-style webhook, a Grafana annotation, a Mailman
 list's emergency moderation, any HTTP endpoint). ``stormguard deliver``
-(:mod:`stream_jobs.deliver`) feeds every sink from the ``stormguard.actions``
+(:mod:`stream_jobs.actions.deliver`) feeds every sink from the ``stormguard.actions``
 outbox, each sink through its own consumer group, and owns retries: a sink
 only says whether one attempt worked.
 
@@ -134,7 +134,7 @@ def sinks_from_env(environ: Optional[dict] = None) -> list[Sink]:
 
     urls = [u.strip() for u in (env.get("STORMGUARD_WEBHOOK_URLS") or "").split(",") if u.strip()]
     if urls:
-        from stream_jobs.sinks.alertmanager import WebhookSink
+        from stream_jobs.actions.sinks.alertmanager import WebhookSink
 
         webhook_secret = secret("STORMGUARD_WEBHOOK_SECRET", env)
         if not webhook_secret:
@@ -146,19 +146,19 @@ def sinks_from_env(environ: Optional[dict] = None) -> list[Sink]:
                                      external_url=env.get("STORMGUARD_EXTERNAL_URL") or ""))
 
     if env.get("GRAFANA_URL"):
-        from stream_jobs.sinks.grafana import GrafanaSink
+        from stream_jobs.actions.sinks.grafana import GrafanaSink
 
         sinks.append(GrafanaSink(env["GRAFANA_URL"], secret("GRAFANA_TOKEN", env),
                                  dashboard_uid=env.get("GRAFANA_DASHBOARD_UID") or None, timeout=timeout))
 
     if env.get("STORMGUARD_MAILMAN_URL"):
-        from stream_jobs.sinks.mailman import MailmanSink
+        from stream_jobs.actions.sinks.mailman import MailmanSink
 
         sinks.append(MailmanSink(env["STORMGUARD_MAILMAN_URL"], env.get("STORMGUARD_MAILMAN_USER") or "restadmin",
                                  secret("STORMGUARD_MAILMAN_PASSWORD", env), timeout=timeout))
 
     if env.get("STORMGUARD_HTTP_URL"):
-        from stream_jobs.sinks.http import HttpSink
+        from stream_jobs.actions.sinks.http import HttpSink
 
         kinds = [k.strip() for k in (env.get("STORMGUARD_HTTP_KINDS") or "freeze,unfreeze").split(",") if k.strip()]
         sinks.append(HttpSink(env["STORMGUARD_HTTP_URL"], method=env.get("STORMGUARD_HTTP_METHOD") or "POST",

@@ -1,6 +1,6 @@
 """A Faust app whose agent does nothing: the framework's ceiling for ``make bench``.
 
-It is configured exactly like the Stormguard worker (:mod:`stream_jobs.worker`):
+It is configured exactly like the Stormguard worker (:mod:`stream_jobs.worker.app`):
 the same settings from the environment, the same broker timeouts, raw
 serializers on ``mail.events``, ``stream.events()``, offsets from the earliest.
 The only difference is that its agent counts records instead of scoring them,
@@ -9,7 +9,7 @@ so ``worker events/s ÷ no-op events/s`` is what detection costs.
 ``STORMGUARD_BENCH_NOOP_MODE=take`` switches the agent to
 ``stream.take(500, within=0.05)`` batches (a ceiling for batched workers).
 
-Run as ``python -m stream_jobs.bench_noop`` (``stream_jobs.bench`` does);
+Run as ``python -m stream_jobs.bench.noop`` (``stream_jobs.bench`` does);
 ``GET /count`` answers ``{"count": N}`` and ``GET /healthz`` 200 once assigned.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import faust
 
-from stream_jobs.faust_tuning import RawSchema, StormguardApp
+from stream_jobs.worker.faust_tuning import RawSchema, StormguardApp
 from stream_jobs.settings import EVENTS_TOPIC, WorkerSettings
 
 settings = WorkerSettings.from_env()

@@ -6,7 +6,7 @@ share an interpreter (and its lock) with the storm probes and with the reader of
 ``stormguard.actions``, whose clock readings are the latency. They still share the
 machine's two cores with the broker and the worker, as before.
 
-Run as ``python -m stream_jobs.bench_load BROKER RATE SECONDS SEED`` (``stream_jobs.bench``
+Run as ``python -m stream_jobs.bench.load BROKER RATE SECONDS SEED`` (``stream_jobs.bench``
 does). It generates every record first and prints ``ready``; a line on stdin starts
 the clock; it then sends ``RATE`` records a second for ``SECONDS`` (each stamped with
 the time it is sent, routed by list as ``stormguard replay`` routes) and prints one
@@ -34,8 +34,8 @@ async def send_background(broker: str, rate: float, seconds: float, seed: int, l
     """
     from aiokafka import AIOKafkaProducer
 
-    from stream_jobs.bench import realistic_events
-    from stream_jobs.replay import bootstrap_servers, routing_key
+    from stream_jobs.bench.run import realistic_events
+    from stream_jobs.kafka.replay import bootstrap_servers, routing_key
     from stream_jobs.settings import EVENTS_TOPIC
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(broker), linger_ms=linger_ms, acks=1)
@@ -70,7 +70,7 @@ async def send_background(broker: str, rate: float, seconds: float, seed: int, l
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (4, 5):
-        print("usage: python -m stream_jobs.bench_load BROKER RATE SECONDS SEED [LINGER_MS]", file=sys.stderr)
+        print("usage: python -m stream_jobs.bench.load BROKER RATE SECONDS SEED [LINGER_MS]", file=sys.stderr)
         return 2
     broker, rate, seconds, seed = args[0], float(args[1]), float(args[2]), int(args[3])
     linger_ms = int(args[4]) if len(args) == 5 else 5

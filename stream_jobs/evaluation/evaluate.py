@@ -32,9 +32,9 @@ from detectors.engine import StormDetector
 from detectors.events import InvalidEvent, MailEvent
 from detectors.peers import ExchangeReplyAllRule, StaticThresholdRule
 from detectors.policy import Action, PolicyConfig
-from stream_jobs.simulate import (STORM_SCENARIOS, OpenGateway, Run, Scenario, scenario, scenario_events)
+from stream_jobs.evaluation.simulate import (STORM_SCENARIOS, OpenGateway, Run, Scenario, scenario, scenario_events)
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 # -- gateways ---------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def evaluate_all(scenarios: list[str], seed: int = 0, benign_days: float = 7.0, 
         jobs.append(("benign" if name == "benign-week" else "storm", scenario(name, seed,
                      benign_days if name == "benign-week" else None)))
     if traces:
-        from stream_jobs.traces import TRACES, trace_scenario
+        from stream_jobs.evaluation.traces import TRACES, trace_scenario
 
         for tname in TRACES:
             path = data_dir / TRACES[tname].file
@@ -308,7 +308,7 @@ def _evaluate(args) -> int:
     live = None
     try:
         if args.live:
-            from stream_jobs.demo import LiveSession
+            from stream_jobs.evaluation.demo import LiveSession
 
             live = LiveSession(broker=args.broker, web_port=args.web_port, speed=args.speed,
                                progress=not args.no_progress).start()
@@ -327,11 +327,11 @@ def _evaluate(args) -> int:
         else:
             Path(args.json).write_text(text)
     if args.report:
-        from stream_jobs.report import write_report
+        from stream_jobs.evaluation.report import write_report
 
         path = write_report(result, Path(args.report))
         print(f"stormguard evaluate: report written to {path}", file=sys.stderr)
-    from stream_jobs.report import summary_table
+    from stream_jobs.evaluation.report import summary_table
 
     print(summary_table(result), file=sys.stderr)
     return 0

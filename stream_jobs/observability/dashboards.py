@@ -1,6 +1,6 @@
 """Grafana dashboards as code, built with Grafana's own grafana-foundation-sdk.
 
-``python -m stream_jobs.dashboards`` writes ``deploy/grafana/dashboards/*.json``;
+``python -m stream_jobs.observability.dashboards`` writes ``deploy/grafana/dashboards/*.json``;
 ``--check`` exits 1 if the committed files differ from what this code builds
 (the test suite checks the same). Edit the code, never the JSON.
 
@@ -28,7 +28,7 @@ PROMETHEUS_UID = "stormguard-prometheus"
 #: The scrape job of the workers (deploy/prometheus/prometheus.yml).
 JOB = "stormguard"
 ANNOTATION_TAG = "stormguard"
-OUT_DIR = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dashboards"
+OUT_DIR = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards"
 
 
 def _sdk():
@@ -278,7 +278,7 @@ def substitute(expr: str, variables: dict[str, str], rate_interval: str = "1m") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stream_jobs.dashboards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stream_jobs.observability.dashboards", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"directory (default {OUT_DIR})")
     parser.add_argument("--check", action="store_true", help="exit 1 if the files differ from the code")
     args = parser.parse_args(argv)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(text, encoding="utf-8")
         print(f"wrote {path}", file=sys.stderr)
     if stale:
-        print("out of date (run python -m stream_jobs.dashboards): " + ", ".join(stale), file=sys.stderr)
+        print("out of date (run python -m stream_jobs.observability.dashboards): " + ", ".join(stale), file=sys.stderr)
         return 1
     return 0
 

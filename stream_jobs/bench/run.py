@@ -6,7 +6,7 @@ keys; the sender-keyed worker phase alone reads the same events from a second
 broker of the same kind), read from its start by:
 
 1. bare aiokafka, decoding each record's JSON (the ceiling for any Python consumer);
-2. a Faust agent that does nothing (:mod:`stream_jobs.bench_noop`: the framework's ceiling);
+2. a Faust agent that does nothing (:mod:`stream_jobs.bench.noop`: the framework's ceiling);
 3. the Stormguard worker (``stormguard run``), done when its ``/healthz`` counts every record;
    beside it, the worker on the SAME events keyed by sender (a second embedded broker, same
    partition count, filled alike but keyed by each event's sender, kafka-python's murmur2
@@ -16,7 +16,7 @@ broker of the same kind), read from its start by:
 Then: offline scoring (in-process :class:`~detectors.engine.StormDetector`
 and the ``stormguard score`` CLI) over the same records; produce→freeze
 latency while background traffic flows (on a second, fresh broker; the background
-is sent by :mod:`stream_jobs.bench_load`, a process of its own, as gateways send it); worker
+is sent by :mod:`stream_jobs.bench.load`, a process of its own, as gateways send it); worker
 start-up to ``/healthz`` 200; bytes of detector state per sender and per list.
 
 The machine is shared, so the figures that matter are the *ratios* of
@@ -53,11 +53,11 @@ from typing import Callable, Iterator, Optional
 import msgspec
 from tqdm import tqdm
 
-from stream_jobs.broker import EmbeddedBroker, free_port
-from stream_jobs.processes import ChildProcess
+from stream_jobs.kafka.broker import EmbeddedBroker, free_port
+from stream_jobs.worker.processes import ChildProcess
 from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: How long the latency phase's background producer batches records (ms). The embedded broker
 #: (Tansu, memory storage) fetches more slowly as a partition gathers batches (measured; it seems to
 #: walk them on every fetch): with 5 ms batches at 2,000 events/s, a plain aiokafka consumer's
@@ -238,7 +238,7 @@ def sender_key(raw: bytes) -> Optional[bytes]:
 def by_list_shares(records: list[bytes], key: Callable[[bytes], Optional[bytes]], partitions: int) -> int:
     """Shares the worker routes through the by-list topic when ``records`` are keyed by ``key``.
 
-    As :func:`stream_jobs.worker._score_here` decides, with Kafka's default (murmur2) partitioner:
+    As :func:`stream_jobs.worker.app._score_here` decides, with Kafka's default (murmur2) partitioner:
     a post to one list keyed by that list is scored where it lands; every other list post sends one
     share per list. Each share is one more record the worker consumes (and counts on ``/healthz``).
     """
@@ -329,8 +329,8 @@ class Bench:
     def noop(self, broker: EmbeddedBroker, **extra: str) -> ChildProcess:
         port = free_port()
         app_id = f"sg-bench-noop-{uuid.uuid4().hex[:6]}"
-        p = ChildProcess([PY, "-m", "stream_jobs.bench_noop"], self.tmp / f"{app_id}.log",
-                         self.env(broker, app_id, port, **extra), port, "stream_jobs.bench_noop")
+        p = ChildProcess([PY, "-m", "stream_jobs.bench.noop"], self.tmp / f"{app_id}.log",
+                         self.env(broker, app_id, port, **extra), port, "stream_jobs.bench.noop")
         self.procs.append(p)
         return p
 
@@ -350,8 +350,8 @@ class Bench:
              key: Optional[Callable[[bytes], Optional[bytes]]] = None) -> dict:
         """Create the topics (``--partitions``) and produce ``records`` to mail.events with kafka-python,
         keyed by ``key`` (default: as ``stormguard replay`` keys) and placed by its murmur2 partitioner."""
-        from stream_jobs.replay import make_producer, routing_key
-        from stream_jobs.serve import ensure_topics
+        from stream_jobs.kafka.replay import make_producer, routing_key
+        from stream_jobs.worker.serve import ensure_topics
 
         key = key or routing_key
         ensure_topics(broker.url, self.args.partitions)
@@ -637,7 +637,7 @@ class Bench:
                 storm_every: float, replies: int = 5) -> dict:
         """Background traffic at ``rate`` events/s; a storm on a fresh list every ``storm_every`` s.
 
-        The background comes from :mod:`stream_jobs.bench_load`, in its own process; this one
+        The background comes from :mod:`stream_jobs.bench.load`, in its own process; this one
         sends only the storms and reads the freezes.
 
         Each storm is a 50,000-member list never seen before, a root post from a sender never
@@ -648,7 +648,7 @@ class Bench:
         """
         from kafka import KafkaConsumer, TopicPartition
 
-        from stream_jobs.replay import make_producer, routing_key
+        from stream_jobs.kafka.replay import make_producer, routing_key
 
         sent: dict[str, float] = {}
         seen: dict[str, tuple[float, float, str]] = {}  # list -> (read at, record timestamp, message id)
@@ -688,7 +688,7 @@ class Bench:
 
         # The background comes from its own process, as real traffic comes from the gateways:
         # this process only sends the storms and reads the freezes, so its clock readings are prompt.
-        load = subprocess.Popen([sys.executable, "-m", "stream_jobs.bench_load", broker.url, str(rate), str(seconds),
+        load = subprocess.Popen([sys.executable, "-m", "stream_jobs.bench.load", broker.url, str(rate), str(seconds),
                                  "4242", str(BACKGROUND_LINGER_MS)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
@@ -780,7 +780,7 @@ class Bench:
             "frozen_on_reply": {str(i): nth.count(i) for i in sorted(set(nth))},
             "what": "send() of the message a freeze names to that freeze read from stormguard.actions; "
                     "storm producer linger 5 ms (as replay), actions consumer fetch wait 5 ms; background "
-                    f"from its own process (stream_jobs.bench_load, aiokafka, linger {BACKGROUND_LINGER_MS} ms); "
+                    f"from its own process (stream_jobs.bench.load, aiokafka, linger {BACKGROUND_LINGER_MS} ms); "
                     "publish_* use the action record's own timestamp instead of the read time",
         }
 
@@ -795,7 +795,7 @@ class Bench:
         records = encode_all(realistic_events(a.events, seed=a.seed))
         results["events"] = {**describe_events(records), "partitions": a.partitions, "seed": a.seed,
                              "source": "stream_jobs.bench.realistic_events",
-                             "keyed_by": "first list, else sender (stream_jobs.replay.routing_key)"}
+                             "keyed_by": "first list, else sender (stream_jobs.kafka.replay.routing_key)"}
         tp = results["throughput"]
 
         say("bench: offline scoring (in-process and CLI)")
@@ -820,7 +820,7 @@ class Bench:
 
         say("bench: fresh broker for start-up and latency")
         live = self.broker()
-        from stream_jobs.serve import ensure_topics
+        from stream_jobs.worker.serve import ensure_topics
 
         ensure_topics(live.url, a.partitions)
         results["startup"], sampled = self.startup(live, a.startup_samples)

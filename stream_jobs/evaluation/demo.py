@@ -1,6 +1,6 @@
 """``make demo``: the NHSmail storm of 14 November 2016, replayed live through Stormguard.
 
-``python -m stream_jobs.demo`` starts an embedded broker and a worker
+``python -m stream_jobs.evaluation.demo`` starts an embedded broker and a worker
 (``stormguard run``), then plays the ``nhsmail`` scenario through Kafka with
 the simulator acting as the mail gateway: every message is produced to
 ``mail.events``; posts to lists that ``stormguard.actions`` froze are held,
@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Optional
 
 from detectors.events import MailEvent, encode_event
 from detectors.policy import Action, decode_action
-from stream_jobs.processes import ProcessError, WorkerProcess
+from stream_jobs.worker.processes import ProcessError, WorkerProcess
 from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
 
 
@@ -79,7 +79,7 @@ class LiveGateway:
                  on_action: Optional[Callable[[Action], None]] = None):
         from kafka import KafkaConsumer, TopicPartition
 
-        from stream_jobs.replay import bootstrap_servers, kafka_security, make_producer, routing_key
+        from stream_jobs.kafka.replay import bootstrap_servers, kafka_security, make_producer, routing_key
 
         self.routing_key = routing_key
         self.producer = make_producer(broker)
@@ -213,7 +213,7 @@ class LiveSession:
         """A fresh broker and worker per scenario (a scenario's event times restart)."""
         if self.given_broker is not None:
             return self.given_broker, f"http://127.0.0.1:{self.given_port or 6066}"
-        from stream_jobs.broker import EmbeddedBroker, free_port
+        from stream_jobs.kafka.broker import EmbeddedBroker, free_port
 
         self._stop_started()
         assert self.tmp is not None
@@ -256,9 +256,9 @@ class LiveSession:
 def run_demo(seed: int = 0, speed: float = 150.0, out: Path = Path("out/demo"), progress: bool = True) -> int:
     from tqdm import tqdm
 
-    from stream_jobs.evaluate import evaluate_storm, to_json
-    from stream_jobs.report import _dur, _num, write_report
-    from stream_jobs.simulate import OpenGateway, scenario, scenario_events
+    from stream_jobs.evaluation.evaluate import evaluate_storm, to_json
+    from stream_jobs.evaluation.report import _dur, _num, write_report
+    from stream_jobs.evaluation.simulate import OpenGateway, scenario, scenario_events
 
     started = time.monotonic()
     sc = scenario("nhsmail", seed)
@@ -336,7 +336,7 @@ class _Counting:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stream_jobs.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m stream_jobs.evaluation.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="scenario seed (default 0)")
     p.add_argument("--speed", type=float, default=150.0,
                    help="event-time seconds per wall second for posts to the storm list (default 150)")

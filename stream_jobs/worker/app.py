@@ -37,8 +37,8 @@ from detectors.policy import Action, encode_action, shadow
 from kafka.partitioner.default import murmur2
 
 from stream_jobs import metrics
-from stream_jobs.event_order import EventTimeScheduler
-from stream_jobs.faust_tuning import RawSchema, StormguardApp
+from stream_jobs.worker.event_order import EventTimeScheduler
+from stream_jobs.worker.faust_tuning import RawSchema, StormguardApp
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
                                   WorkerSettings, by_list_topic, secret)
 
@@ -217,7 +217,7 @@ def _score_here(raw: bytes, key: Any, partition: int):
     Every other list post (keyed by sender, unkeyed, another partitioner, a message to several
     lists) goes to the by-list topic, one share per list, so that all of a list's posts reach the
     one worker that owns it in one partition, in the order this worker read them (oldest first,
-    :mod:`stream_jobs.event_order`). Mail to no list is scored where it is read.
+    :mod:`stream_jobs.worker.event_order`). Mail to no list is scored where it is read.
     """
     if settings.partitions == 1:
         return process_raw(detector, raw), ()
