@@ -28,81 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from detectors.engine import StormDetector
-from detectors.events import InvalidEvent, MailEvent
-from detectors.peers import ExchangeReplyAllRule, StaticThresholdRule
-from detectors.policy import Action, PolicyConfig
-from stream_jobs.evaluation.simulate import (STORM_SCENARIOS, OpenGateway, Run, Scenario, scenario, scenario_events)
+from detectors.events import MailEvent
+from detectors.policy import PolicyConfig
+from stream_jobs.evaluation.gateways import FanGateway, OpenGateway, make_gateways
+from stream_jobs.evaluation.simulate import (STORM_SCENARIOS, Run, Scenario, scenario, scenario_events)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-# -- gateways ---------------------------------------------------------------------------------
-class StormguardGateway:
-    """The gateway with Stormguard in-process: holds posts to lists its actions froze."""
-
-    name = "stormguard"
-
-    def __init__(self, config: Optional[PolicyConfig] = None):
-        self.detector = StormDetector(config)
-        self.frozen: set[str] = set()
-        self.actions: list[Action] = []
-        self.invalid = 0
-
-    def submit(self, event: MailEvent) -> bool:
-        held = any(a in self.frozen for a in event.lists)
-        try:
-            actions = self.detector.process(event)
-        except InvalidEvent:
-            self.invalid += 1
-            return not held
-        for a in actions:
-            self.actions.append(a)
-            if a.kind == "freeze" and a.list:
-                self.frozen.add(a.list)
-            elif a.kind == "unfreeze" and a.list:
-                self.frozen.discard(a.list)
-        return not held
-
-    def freezes(self) -> list[tuple[float, str]]:
-        return [(a.event_time, a.list) for a in self.actions if a.kind == "freeze"]
-
-    def alerts(self) -> list[tuple[float, Optional[str]]]:
-        return [(a.event_time, a.list) for a in self.actions if a.kind == "alert"]
-
-
-class PeerGateway:
-    """The gateway with a peer rule (:mod:`detectors.peers`) deciding."""
-
-    def __init__(self, rule):
-        self.rule = rule
-        self.name = rule.name
-
-    def submit(self, event: MailEvent) -> bool:
-        return not self.rule.check(event).held
-
-    def freezes(self) -> list[tuple[float, str]]:
-        return list(self.rule.fired)
-
-    def alerts(self) -> list:
-        return []
-
-
-class FanGateway:
-    """Feeds every event to several gateways; delivers everything (benign runs)."""
-
-    def __init__(self, gateways: list):
-        self.gateways = gateways
-
-    def submit(self, event: MailEvent) -> bool:
-        for g in self.gateways:
-            g.submit(event)
-        return True
-
-
-def make_gateways(config: Optional[PolicyConfig] = None) -> dict[str, Any]:
-    return {"stormguard": StormguardGateway(config), "exchange": PeerGateway(ExchangeReplyAllRule()),
-            "static": PeerGateway(StaticThresholdRule())}
 
 
 # -- measuring a storm ----------------------------------------------------------------------------
@@ -308,7 +239,7 @@ def _evaluate(args) -> int:
     live = None
     try:
         if args.live:
-            from stream_jobs.evaluation.demo import LiveSession
+            from stream_jobs.evaluation.gateways import LiveSession
 
             live = LiveSession(broker=args.broker, web_port=args.web_port, speed=args.speed,
                                progress=not args.no_progress).start()

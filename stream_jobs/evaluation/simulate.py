@@ -48,11 +48,12 @@ import heapq
 import math
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Optional, Protocol
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
 from detectors.events import MailEvent, encode_event
+from stream_jobs.evaluation.gateways import Gateway, OpenGateway
 
 #: Messages per fan-out (recipients per message), both real traces together
 #: (email-eu-core-temporal: 53,633 messages; dnc-temporal: 19,534).
@@ -318,19 +319,6 @@ class Scenario:
         return 1 if self.storm.anomalous_root else 3
 
 
-class Gateway(Protocol):
-    """The mail gateway in the loop: says whether each submitted message is delivered."""
-
-    def submit(self, event: MailEvent) -> bool: ...
-
-
-class OpenGateway:
-    """Delivers everything (the storm as it was, unstopped)."""
-
-    def submit(self, event: MailEvent) -> bool:
-        return True
-
-
 def _storm_message(spec: StormSpec, mid: str, t: float, sender: str, parent: Optional[str]) -> MailEvent:
     return MailEvent(message_id=mid, timestamp=round(t, 3), sender=sender, recipients=[spec.list_address],
                      lists={spec.list_address: spec.members}, in_reply_to=parent,
@@ -580,12 +568,12 @@ def _simulate(args) -> int:
     gateway: Gateway
     live = None
     if args.broker:
-        from stream_jobs.evaluation.demo import LiveGateway
+        from stream_jobs.evaluation.gateways import LiveGateway
 
         live = gateway = LiveGateway(args.broker, args.worker_url, speed=args.speed,
                                      watch=[sc.storm.list_address] if sc.storm else [])
     elif args.closed_loop:
-        from stream_jobs.evaluation.evaluate import StormguardGateway
+        from stream_jobs.evaluation.gateways import StormguardGateway
 
         gateway = StormguardGateway()
     else:

@@ -13,7 +13,7 @@ import pytest
 from detectors.engine import StormDetector
 from detectors.events import MailEvent
 from detectors.policy import PolicyConfig
-from stream_jobs.evaluation.evaluate import StormguardGateway
+from stream_jobs.evaluation.gateways import StormguardGateway
 from stream_jobs.evaluation.simulate import scenario, scenario_events
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
