@@ -229,7 +229,7 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
         except TopicMismatch as exc:
             print(f"stormguard: cannot start: {exc}", file=sys.stderr, flush=True)
             return 2
-        # the worker module reads its settings once, at import: it makes everything with this count
+        # the app is built from the environment (below): it makes everything with this count
         os.environ["STORMGUARD_PARTITIONS"] = str(partitions)
         if settings.learn_history and not os.environ.get("STORMGUARD_LEARN_ONLY_UNTIL"):
             cutoff = history_cutoff(broker, settings.app_id)
@@ -239,8 +239,9 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
                       "never acted on", file=sys.stderr, flush=True)
         from faust.worker import Worker
 
-        from stream_jobs.worker.app import app
+        from stream_jobs.worker.app import create_app
 
+        app = create_app(WorkerSettings.from_env())
         print(f"stormguard: worker {settings.app_id} consuming {EVENTS_TOPIC} from {broker}; "
               f"HTTP on :{settings.web_port} (/healthz, /metrics, /api/lists/ADDRESS)", file=sys.stderr, flush=True)
         loglevel = os.environ.get("STORMGUARD_LOG_LEVEL", "warn").lower()
