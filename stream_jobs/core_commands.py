@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import BinaryIO, Iterator
 
 from stream_jobs.settings import EVENTS_TOPIC
 
@@ -67,23 +66,12 @@ def _run(args) -> int:
     return run_worker(broker=args.broker, web_port=args.web_port, embedded_port=args.embedded_port)
 
 
-def open_lines(path: str) -> BinaryIO:
-    return sys.stdin.buffer if path == "-" else open(path, "rb")
-
-
-def read_records(fh: BinaryIO) -> Iterator[bytes]:
-    """Non-blank lines, without their line ending: one record each."""
-    for line in fh:
-        line = line.rstrip(b"\r\n")
-        if line.strip():
-            yield line
-
-
 def _score(args) -> int:
     import msgspec
 
     from detectors.engine import StormDetector, process_raw
     from detectors.policy import encode_action, shadow
+    from stream_jobs.kafka.replay import open_lines, read_records
     from stream_jobs.settings import WorkerSettings, policy_from_env
 
     policy = policy_from_env()

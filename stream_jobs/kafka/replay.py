@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 import msgspec
 
@@ -27,6 +27,18 @@ class _Routing(msgspec.Struct):
 
 
 _routing = msgspec.json.Decoder(_Routing)
+
+
+def open_lines(path: str) -> BinaryIO:
+    return sys.stdin.buffer if path == "-" else open(path, "rb")
+
+
+def read_records(fh: BinaryIO) -> Iterator[bytes]:
+    """Non-blank lines, without their line ending: one record each."""
+    for line in fh:
+        line = line.rstrip(b"\r\n")
+        if line.strip():
+            yield line
 
 
 def routing_key(raw: bytes) -> Optional[bytes]:
@@ -97,8 +109,6 @@ def produce(records: Iterable[bytes], producer, topic: str = EVENTS_TOPIC, rate:
 def replay_file(path: str, broker: Optional[str] = None, rate: float = 0.0, topic: str = EVENTS_TOPIC,
                 progress: bool = True) -> int:
     from tqdm import tqdm
-
-    from stream_jobs.core_commands import open_lines, read_records
 
     total = None
     if path != "-":

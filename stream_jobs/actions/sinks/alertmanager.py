@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from detectors.policy import Action
-from stream_jobs.actions.sinks import Rejected, Sink, SinkError, retryable_status, url_tag
+from stream_jobs.actions.sinks.base import Rejected, Sink, SinkError, retryable_status, url_tag
 
 #: Alertmanager's "zero time" for an alert that has not ended.
 ZERO_TIME = "0001-01-01T00:00:00Z"

@@ -25,7 +25,7 @@ from typing import Optional
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from detectors.policy import Action
-from stream_jobs.actions.sinks import Rejected, Sink, SinkError, Skip, retryable_status
+from stream_jobs.actions.sinks.base import Rejected, Sink, SinkError, Skip, retryable_status
 
 TAGS = ("stormguard", "freeze")
 #: A shadow-mode decision is its own region, so a dashboard can show what would have been frozen.

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from detectors.policy import Action
 from stream_jobs.settings import SettingsError
-from stream_jobs.actions.sinks import Rejected, Sink, SinkError, retryable_status, url_tag
+from stream_jobs.actions.sinks.base import Rejected, Sink, SinkError, retryable_status, url_tag
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 FIELDS = ("kind", "list", "sender", "event_time", "detector", "score", "message_id", "reason", "actor", "action_id",

@@ -16,7 +16,7 @@ from typing import Optional
 from urllib.error import HTTPError
 
 from detectors.policy import Action
-from stream_jobs.actions.sinks import Rejected, Sink, SinkError, Skip, retryable_status
+from stream_jobs.actions.sinks.base import Rejected, Sink, SinkError, Skip, retryable_status
 
 
 def rest_base(url: str) -> str:
