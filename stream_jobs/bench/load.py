@@ -34,7 +34,7 @@ async def send_background(broker: str, rate: float, seconds: float, seed: int, l
     """
     from aiokafka import AIOKafkaProducer
 
-    from stream_jobs.bench.run import realistic_events
+    from stream_jobs.bench.traffic import realistic_events
     from stream_jobs.kafka.replay import bootstrap_servers, routing_key
     from stream_jobs.settings import EVENTS_TOPIC
 

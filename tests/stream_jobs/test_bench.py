@@ -39,7 +39,7 @@ def _positive(x) -> bool:
 
 @pytest.mark.timeout(1200)
 def test_every_throughput_figure_is_there_and_counts_every_event(results):
-    from stream_jobs.bench.run import lookup
+    from stream_jobs.bench.report import lookup
 
     n = results["events"]["count"]
     assert n >= 10_000 and results["events"]["list_posts"] > 0 and results["events"]["list_replies"] > 0
@@ -99,7 +99,7 @@ def test_sender_keyed_worker_routes_every_list_post_and_counts_events(results):
 def test_sender_keys_and_the_shares_they_route():
     """``sender_key`` is the sender's bytes; ``by_list_shares`` routes as the worker does: a one-list post
     keyed by its list stays, any other list post sends one share per list, direct mail none."""
-    from stream_jobs.bench.run import by_list_shares, encode_all, realistic_events, sender_key
+    from stream_jobs.bench.traffic import by_list_shares, encode_all, realistic_events, sender_key
     from stream_jobs.kafka.replay import routing_key
 
     one = b'{"message_id":"a","timestamp":1,"sender":"s@x","recipients":["l@x"],"lists":{"l@x":5}}'
@@ -116,7 +116,7 @@ def test_sender_keys_and_the_shares_they_route():
 
 @pytest.mark.timeout(1200)
 def test_ratios_are_the_quotients_of_the_figures(results):
-    from stream_jobs.bench.run import RATIOS, lookup
+    from stream_jobs.bench.report import RATIOS, lookup
 
     wanted = set(RATIOS) if sys.platform.startswith("linux") else {n for n in RATIOS if "per_cpu" not in n}
     assert wanted <= set(results["ratios"]) <= set(RATIOS)

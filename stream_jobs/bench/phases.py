@@ -1,29 +1,7 @@
-"""``make bench``: how fast Stormguard is, measured side by side in one run.
+"""The bench's phases: each measures one consumer, or latency, start-up or memory, on real processes.
 
-Every throughput figure comes from the same embedded broker and the same
-pre-filled ``mail.events`` topic (keyed by list, else sender, as ``replay``
-keys; the sender-keyed worker phase alone reads the same events from a second
-broker of the same kind), read from its start by:
-
-1. bare aiokafka, decoding each record's JSON (the ceiling for any Python consumer);
-2. a Faust agent that does nothing (:mod:`stream_jobs.bench.noop`: the framework's ceiling);
-3. the Stormguard worker (``stormguard run``), done when its ``/healthz`` counts every record;
-   beside it, the worker on the SAME events keyed by sender (a second embedded broker, same
-   partition count, filled alike but keyed by each event's sender, kafka-python's murmur2
-   partitioner), where every list post reaches the list's owner through the by-list topic;
-4. two Stormguard workers in one consumer group on the same topic.
-
-Then: offline scoring (in-process :class:`~detectors.engine.StormDetector`
-and the ``stormguard score`` CLI) over the same records; produce→freeze
-latency while background traffic flows (on a second, fresh broker; the background
-is sent by :mod:`stream_jobs.bench.load`, a process of its own, as gateways send it); worker
-start-up to ``/healthz`` 200; bytes of detector state per sender and per list.
-
-The machine is shared, so the figures that matter are the *ratios* of
-figures measured in this one run; absolute numbers are labelled with the
-machine they came from. Nothing here is a pass/fail threshold.
-
-``python -m stream_jobs.bench [--quick] [--events N] [--out bench-results.json]``
+:class:`Bench` owns the brokers and processes of one run; :meth:`Bench.run` runs every phase in
+order and returns the results (:mod:`stream_jobs.bench`, the package doc, says what each phase is).
 """
 
 from __future__ import annotations
@@ -35,8 +13,6 @@ import gc
 import json
 import math
 import os
-import platform
-import random
 import subprocess
 import sys
 import tempfile
@@ -46,13 +22,15 @@ import tracemalloc
 import urllib.error
 import urllib.request
 import uuid
-from collections import deque
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import msgspec
 from tqdm import tqdm
 
+from stream_jobs.bench.report import RATIOS, lookup, machine, say
+from stream_jobs.bench.traffic import (_STORM_REPLIES, by_list_shares, describe_events, encode_all, realistic_events,
+                                       sender_key)
 from stream_jobs.kafka.broker import EmbeddedBroker, free_port
 from stream_jobs.worker.processes import ChildProcess
 from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
@@ -67,194 +45,7 @@ BACKGROUND_LINGER_MS = 50
 PY = sys.executable
 SCHEMA = 1
 
-#: ratio name -> (numerator, denominator), as dotted paths into the results.
-RATIOS: dict[str, tuple[str, str]] = {
-    # Detection's cost: the worker against a no-op agent with the same consumer (batched drain, raw schema).
-    "worker_vs_noop": ("throughput.worker.events_per_s", "throughput.faust_noop.events_per_s"),
-    # Past the framework's own ceiling: the worker against a no-op agent on stock Faust.
-    "worker_vs_stock_noop": ("throughput.worker.events_per_s", "throughput.faust_noop_stock.events_per_s"),
-    "noop_vs_stock_noop": ("throughput.faust_noop.events_per_s", "throughput.faust_noop_stock.events_per_s"),
-    "worker_vs_bare": ("throughput.worker.events_per_s", "throughput.bare_aiokafka.events_per_s"),
-    "noop_vs_bare": ("throughput.faust_noop.events_per_s", "throughput.bare_aiokafka.events_per_s"),
-    "two_workers_vs_one": ("throughput.two_workers.events_per_s", "throughput.worker.events_per_s"),
-    # What routing list posts through the by-list topic costs: the same events keyed by sender.
-    "sender_keyed_vs_list_keyed": ("throughput.worker_sender_keyed.events_per_s", "throughput.worker.events_per_s"),
-    # Scoring while `stormguard deliver` retries against a webhook receiver and a Grafana that are down.
-    "worker_sinks_down_vs_worker": ("throughput.worker_sinks_down.events_per_s", "throughput.worker.events_per_s"),
-    "offline_vs_worker": ("throughput.offline_score.events_per_s", "throughput.worker.events_per_s"),
-    "offline_cli_vs_in_process": ("throughput.offline_score_cli.events_per_s",
-                                  "throughput.offline_score.events_per_s"),
-    # The same comparisons per CPU-second the consumers burnt: steadier on a shared machine.
-    "worker_vs_noop_per_cpu": ("throughput.worker.events_per_cpu_s", "throughput.faust_noop.events_per_cpu_s"),
-    "worker_vs_stock_noop_per_cpu": ("throughput.worker.events_per_cpu_s",
-                                     "throughput.faust_noop_stock.events_per_cpu_s"),
-    "two_workers_vs_one_per_cpu": ("throughput.two_workers.events_per_cpu_s",
-                                   "throughput.worker.events_per_cpu_s"),
-    "sender_keyed_vs_list_keyed_per_cpu": ("throughput.worker_sender_keyed.events_per_cpu_s",
-                                           "throughput.worker.events_per_cpu_s"),
-}
 
-
-# -- realistic events ---------------------------------------------------------------------------
-_SUBJECTS = ["Rota for next week", "Clinic cancelled", "IT maintenance tonight", "Minutes of Tuesday's meeting",
-             "Audit deadline", "Parking permits", "Training day", "Flu jabs", "Lunch?", "Updated policy",
-             "Patient transport", "Ward 7 handover", "Budget 2017/18", "Fire drill", "Leaving do"]
-_REPLY_SUBJECTS = ["RE: {}", "Re: {}", "RE: RE: {}"]
-_STORM_REPLIES = ["please remove me from this list", "STOP REPLYING TO ALL", "why am I getting this?",
-                  "unsubscribe", "me too"]
-
-
-class _ListSpec:
-    __slots__ = ("address", "members", "owners", "discussion", "recent")
-
-    def __init__(self, address: str, members: int, owners: list[str], discussion: bool):
-        self.address, self.members, self.owners, self.discussion = address, members, owners, discussion
-        self.recent: deque = deque(maxlen=8)  # (message_id, subject) of recent posts
-
-
-def realistic_events(n: int, seed: int = 2016, end_time: Optional[float] = None, span: float = 6 * 3600.0,
-                     people: int = 20_000, storms: Optional[int] = None) -> Iterator[dict]:
-    """``n`` events of an NHS-like organisation, in event-time order, as contract dicts.
-
-    Senders are skewed (a few people send most mail), direct fan-out is heavy-tailed
-    (most mail to one person, a tail past a hundred), a third of direct mail answers
-    an earlier message; ~7% of events are list posts (bulletins from their owners,
-    discussion lists where several people post and reply), ~3% are reply-alls to lists
-    (lively on discussion lists, a stray "thanks" on bulletins); ``storms`` reply-all
-    storms on big lists (about one per 30,000 events unless given) add bursts of
-    100-300 reply-alls. Deterministic per ``seed``.
-    """
-    rng = random.Random(seed)
-    end = time.time() if end_time is None else end_time
-    t = end - span
-    step = span / max(n, 1)
-    domain = "bench.nhs.net"
-
-    def person() -> str:
-        return f"p{int(people * rng.random() ** 2.5)}@{domain}"
-
-    lists: list[_ListSpec] = [_ListSpec(f"all-staff@{domain}", 840_000, [f"comms@{domain}"], False),
-                              _ListSpec(f"trust-all@{domain}", 120_000, [f"ceo-office@{domain}"], False)]
-    for i in range(400):
-        discussion = rng.random() < 0.3
-        members = int(math.exp(rng.uniform(math.log(15), math.log(300 if discussion else 30_000))))
-        owners = [person() for _ in range(rng.randint(1, 2))]
-        lists.append(_ListSpec(f"list{i}@{domain}", members, owners, discussion))
-    discussions = [ls for ls in lists if ls.discussion]
-    bulletins = [ls for ls in lists if not ls.discussion]
-    big = [ls for ls in bulletins if ls.members >= 5_000]
-    n_storms = max(1, n // 30_000) if storms is None else storms
-    storm_starts = {int(n * (k + 0.5) / n_storms) for k in range(n_storms)} if n_storms else set()
-    active: list[list] = []  # [list spec, root id, subject, replies left]
-    recent_direct: deque = deque(maxlen=2000)
-
-    for i in range(n):
-        t += step * rng.uniform(0.2, 1.8)
-        mid = f"<{seed}.{i}@{domain}>"
-        ev: dict = {"message_id": mid, "timestamp": round(t, 3)}
-        if i in storm_starts and big:
-            ls = rng.choice(big)
-            subject = "test"
-            ev.update(sender=person(), recipients=[ls.address], lists={ls.address: ls.members}, subject=subject)
-            active.append([ls, mid, subject, rng.randint(100, 300)])
-            yield ev
-            continue
-        if active and rng.random() < 0.3:
-            storm = active[0]
-            ls, root, subject = storm[0], storm[1], storm[2]
-            storm[3] -= 1
-            if storm[3] <= 0:
-                active.pop(0)
-            ev.update(sender=person(), recipients=[ls.address], lists={ls.address: ls.members},
-                      in_reply_to=root, subject=f"RE: {subject} - {rng.choice(_STORM_REPLIES)}")
-            yield ev
-            continue
-        r = rng.random()
-        if r < 0.07:  # a root post to a list
-            ls = rng.choice(discussions) if rng.random() < 0.5 else rng.choice(bulletins)
-            sender = person() if ls.discussion else rng.choice(ls.owners)
-            subject = rng.choice(_SUBJECTS)
-            ls.recent.append((mid, subject))
-            ev.update(sender=sender, recipients=[ls.address], lists={ls.address: ls.members}, subject=subject)
-        elif r < 0.10:  # a reply-all to a list: lively on discussion lists, stray on bulletins
-            ls = rng.choice(discussions) if rng.random() < 0.85 else rng.choice(bulletins)
-            if not ls.recent:
-                ls.recent.append((f"<old.{i}@{domain}>", rng.choice(_SUBJECTS)))
-            parent, subject = rng.choice(list(ls.recent))
-            sender = person()
-            ev.update(sender=sender, recipients=[ls.address, rng.choice(ls.owners)],
-                      lists={ls.address: ls.members}, in_reply_to=parent,
-                      subject=rng.choice(_REPLY_SUBJECTS).format(subject))
-        else:  # direct mail
-            sender = person()
-            k = min(int(rng.paretovariate(1.6)), 120)
-            recipients = list({person() for _ in range(k)}) or [person()]
-            ev.update(sender=sender, recipients=recipients)
-            if recent_direct and rng.random() < 0.33:
-                parent, subject = rng.choice(recent_direct)
-                ev.update(in_reply_to=parent, subject=f"RE: {subject}")
-            else:
-                subject = rng.choice(_SUBJECTS)
-                ev["subject"] = subject
-                recent_direct.append((mid, subject))
-        yield ev
-
-
-def encode_all(events: Iterator[dict]) -> list[bytes]:
-    enc = msgspec.json.Encoder()
-    return [enc.encode(ev) for ev in events]
-
-
-def describe_events(records: list[bytes]) -> dict:
-    dec = msgspec.json.Decoder()
-    list_posts = replies = 0
-    for raw in records:
-        ev = dec.decode(raw)
-        if ev.get("lists"):
-            list_posts += 1
-            if ev.get("in_reply_to"):
-                replies += 1
-    total = sum(len(r) for r in records)
-    return {"count": len(records), "bytes": total, "mean_bytes": total / max(len(records), 1),
-            "list_posts": list_posts, "list_replies": replies}
-
-
-class _Sender(msgspec.Struct):
-    sender: str = ""
-
-
-_sender_decoder = msgspec.json.Decoder(_Sender)
-
-
-def sender_key(raw: bytes) -> Optional[bytes]:
-    """A record keyed as a gateway that knows nothing of lists keys it: its sender's bytes (else none)."""
-    try:
-        sender = _sender_decoder.decode(raw).sender
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return sender.encode() if sender else None
-
-
-def by_list_shares(records: list[bytes], key: Callable[[bytes], Optional[bytes]], partitions: int) -> int:
-    """Shares the worker routes through the by-list topic when ``records`` are keyed by ``key``.
-
-    As :func:`stream_jobs.worker.app._score_here` decides, with Kafka's default (murmur2) partitioner:
-    a post to one list keyed by that list is scored where it lands; every other list post sends one
-    share per list. Each share is one more record the worker consumes (and counts on ``/healthz``).
-    """
-    if partitions == 1:
-        return 0
-    dec = msgspec.json.Decoder()
-    shares = 0
-    for raw in records:
-        lists = dec.decode(raw).get("lists") or {}
-        if len(lists) == 1 and key(raw) == next(iter(lists)).encode():
-            continue
-        shares += len(lists)
-    return shares
-
-
-# -- helpers ------------------------------------------------------------------------------------
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -794,7 +585,7 @@ class Bench:
         say(f"bench: generating {a.events:,} realistic events (seed {a.seed})")
         records = encode_all(realistic_events(a.events, seed=a.seed))
         results["events"] = {**describe_events(records), "partitions": a.partitions, "seed": a.seed,
-                             "source": "stream_jobs.bench.realistic_events",
+                             "source": "stream_jobs.bench.traffic.realistic_events",
                              "keyed_by": "first list, else sender (stream_jobs.kafka.replay.routing_key)"}
         tp = results["throughput"]
 
@@ -857,13 +648,6 @@ class Bench:
         return results
 
 
-def lookup(results: dict, dotted: str) -> float:
-    node = results
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def memory(n_senders: int, n_lists: int, n_busy: int) -> dict:
     """Bytes of detector state per tracked sender, per list (one post), per busy list (full buffers)."""
     from detectors.engine import StormDetector
@@ -918,113 +702,3 @@ def memory(n_senders: int, n_lists: int, n_busy: int) -> dict:
                 "bulletin each (one owner), and lists with 600 posts each (every bounded buffer full, "
                 "40 posters whose sender state is included)",
     }
-
-
-def machine() -> dict:
-    model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "platform": platform.platform(), "load_avg_start": list(os.getloadavg()),
-            "note": "2 cores shared with other engineers' test runs: compare ratios, not absolute numbers"}
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def table(r: dict) -> str:
-    tp = r["throughput"]
-    m = r["machine"]
-    rows = [
-        ("bare aiokafka + JSON decode", tp["bare_aiokafka"]),
-        ("Faust no-op agent, stock Faust", tp["faust_noop_stock"]),
-        ("Faust no-op agent, worker's consumer", tp["faust_noop"]),
-        ("Stormguard worker (1)", tp["worker"]),
-        ("Stormguard worker (1), keyed by sender", tp["worker_sender_keyed"]),
-        ("Stormguard workers (2, same group)", tp["two_workers"]),
-        ("worker, receivers down (deliver retrying)", tp["worker_sinks_down"]),
-        ("offline score, in-process", tp["offline_score"]),
-        ("offline score, CLI", tp["offline_score_cli"]),
-    ]
-    out = [f"Stormguard bench — {r['events']['count']:,} events ({r['events']['mean_bytes']:.0f} B mean), "
-           f"{r['events']['partitions']} partitions; {m['cpus']} × {m['cpu_model']}, Python {m['python']}",
-           f"(shared machine: load {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end)",
-           "", f"{'consumer':38} {'events/s':>10} {'seconds':>8} {'events/CPU-s':>13}"]
-    for name, row in rows:
-        per_cpu = f"{row['events_per_cpu_s']:>13,.0f}" if "events_per_cpu_s" in row else f"{'-':>13}"
-        out.append(f"{name:38} {row['events_per_s']:>10,.0f} {row['seconds']:>8.2f} {per_cpu}")
-    out.append("")
-    out.append(f"{'ratio':38} {'value':>10}")
-    for name, ratio in r["ratios"].items():
-        out.append(f"{name:38} {ratio['value']:>10.3f}")
-    lat, st, mem = r["latency"], r["startup"], r["memory"]
-    light = r["latency_light"]
-    out += ["",
-            f"produce→freeze under {light['produced_eps']:,.0f} ev/s background: p50 {light['p50_ms']:.0f} ms, "
-            f"p99 {light['p99_ms']:.0f} ms, max {light['max_ms']:.0f} ms ({light['frozen']}/{light['storms']} storms "
-            f"frozen; backlog when production stopped {light['backlog_when_production_stopped']:,} events)",
-            f"produce→freeze under {lat['produced_eps']:,.0f} ev/s background: p50 {lat['p50_ms']:.0f} ms, "
-            f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms frozen; "
-            f"frozen on reply-all #: {lat['frozen_on_reply']}; backlog when production stopped "
-            f"{lat['backlog_when_production_stopped']:,} events)",
-            f"worker start-up to /healthz 200: median {st['median_s']:.2f} s "
-            f"(min {st['min_s']:.2f}, max {st['max_s']:.2f}, {len(st['samples_s'])} samples)",
-            f"state: {mem['bytes_per_sender']:.0f} B per sender, {mem['bytes_per_list']:.0f} B per list (one post), "
-            f"{mem['bytes_per_busy_list']:,.0f} B per busy list (buffers full)",
-            f"bench took {r['duration_s']:.0f} s"]
-    return "\n".join(out)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stream_jobs.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smaller run (for tests): 20,000 events, short phases")
-    p.add_argument("--events", type=int, help="events in the pre-filled topic (default 100,000; quick 20,000)")
-    p.add_argument("--partitions", type=int, default=4, help="partitions of mail.events (default 4)")
-    p.add_argument("--rate", type=float, default=2000.0, help="background events/s in the latency phase")
-    p.add_argument("--light-rate", type=float, default=300.0,
-                   help="background events/s of the light-load latency run (default 300)")
-    p.add_argument("--latency-seconds", type=float, help="length of the latency phase (default 45; quick 12)")
-    p.add_argument("--storm-every", type=float, default=0.75, help="seconds between injected storms")
-    p.add_argument("--startup-samples", type=int, help="worker start-ups to time (default 5; quick 2)")
-    p.add_argument("--seed", type=int, default=2016)
-    p.add_argument("--out", default=str(ROOT / "bench-results.json"), help="JSON results (default bench-results.json)")
-    p.add_argument("--phase-timeout", type=float, default=300.0, help="give up on a throughput phase after this")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    q = args.quick
-    args.events = args.events or (20_000 if q else 100_000)
-    args.latency_seconds = args.latency_seconds or (12.0 if q else 45.0)
-    args.startup_samples = args.startup_samples or (2 if q else 5)
-    args.memory_senders = 5_000 if q else 20_000
-    args.memory_lists = 1_000 if q else 5_000
-    args.memory_busy_lists = 20 if q else 100
-    args.history_events = 3_000 if q else 10_000
-    bench = Bench(args)
-    try:
-        results = bench.run()
-    except BaseException:
-        bench.close()
-        say(f"bench: failed; logs of the broker and the workers are in {bench.tmp}")
-        raise
-    bench.close()
-    import shutil
-
-    shutil.rmtree(bench.tmp, ignore_errors=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
-    print(f"\nfigures written to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
