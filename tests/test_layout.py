@@ -137,3 +137,20 @@ def test_create_app_builds_an_independent_app_each_time():
     assert a is not b and a.stormguard is not b.stormguard
     assert sorted(a.agents) == ["stream_jobs.worker.operate", "stream_jobs.worker.score"]
     assert a.stormguard.detector is not b.stormguard.detector
+
+
+def test_paths_and_modules_named_in_the_docs_exist():
+    """Every stream_jobs path and every ``python -m stream_jobs...`` in README.md and docs/ is real."""
+    import importlib.util
+    import re
+
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "Makefile"]:
+        text = doc.read_text()
+        for path in set(re.findall(r"(?<![\w/])(stream_jobs/[\w/]+(?:\.py|/))", text)):
+            if not (ROOT / path).exists():
+                missing.append(f"{doc.name}: {path}")
+        for module in set(re.findall(r"-m (stream_jobs(?:\.\w+)+)", text)):
+            if importlib.util.find_spec(module) is None:
+                missing.append(f"{doc.name}: python -m {module}")
+    assert not missing, missing

@@ -72,7 +72,7 @@ def main() -> int:
     app = create_app(WorkerSettings.from_env())
     worker = Worker(app, loglevel=os.environ.get("STORMGUARD_LOG_LEVEL", "warn").lower(), quiet=True,
                     redirect_stdouts=False)
-    worker.spinner = None  # as the real worker (stream_jobs/serve.py): like is compared with like
+    worker.spinner = None  # as the real worker (stream_jobs/worker/serve.py): like is compared with like
     worker.execute_from_commandline()
     return 0
 

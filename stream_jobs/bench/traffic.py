@@ -158,7 +158,7 @@ def sender_key(raw: bytes) -> Optional[bytes]:
 def by_list_shares(records: list[bytes], key: Callable[[bytes], Optional[bytes]], partitions: int) -> int:
     """Shares the worker routes through the by-list topic when ``records`` are keyed by ``key``.
 
-    As :func:`stream_jobs.worker.app._score_here` decides, with Kafka's default (murmur2) partitioner:
+    As :meth:`stream_jobs.worker.app.StormguardWorker.score_here` decides, with Kafka's default (murmur2) partitioner:
     a post to one list keyed by that list is scored where it lands; every other list post sends one
     share per list. Each share is one more record the worker consumes (and counts on ``/healthz``).
     """
