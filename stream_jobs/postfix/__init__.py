@@ -1,1 +1,1 @@
-"""Postfix adapters: the maillog ingest (``stormguard ingest postfix-log``) and the policy service."""
+"""Postfix adapters: lists (virtual(5) maps), ingest (the maillog as events), list_state and policy (the HOLD service)."""

@@ -20,8 +20,8 @@ import pytest
 
 from detectors.events import encode_event, parse_event
 from stream_jobs import cli
-from stream_jobs.postfix.ingest import (NULL_SENDER, ListMapError, PostfixLogParser, follow_lines,
-                                        load_list_files, read_virtual_lists)
+from stream_jobs.postfix.ingest import NULL_SENDER, PostfixLogParser, follow_lines
+from stream_jobs.postfix.lists import ListMapError, load_list_files, read_virtual_lists
 
 HERE = Path(__file__).parent
 DELIVERED = HERE / "postfix_maillog_delivered.log"
