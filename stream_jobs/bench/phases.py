@@ -100,7 +100,7 @@ class Bench:
     def env(self, broker: EmbeddedBroker, app_id: str, web_port: int, **extra: str) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STORMGUARD_")}
         # STORMGUARD_PARTITIONS only matters to a worker that creates mail.events: the worker follows
-        # the partition count of an existing one itself (serve.ensure_topics), and fill() has made it
+        # the partition count of an existing one itself (kafka.topics.ensure_topics), and fill() has made it
         # with --partitions already, so this says the same.
         env.update(STORMGUARD_BROKER=broker.url, STORMGUARD_APP_ID=app_id, STORMGUARD_WEB_PORT=str(web_port),
                    STORMGUARD_WEB_HOST="127.0.0.1", STORMGUARD_PARTITIONS=str(self.args.partitions),
@@ -142,7 +142,7 @@ class Bench:
         """Create the topics (``--partitions``) and produce ``records`` to mail.events with kafka-python,
         keyed by ``key`` (default: as ``stormguard replay`` keys) and placed by its murmur2 partitioner."""
         from stream_jobs.kafka.replay import make_producer, routing_key
-        from stream_jobs.worker.serve import ensure_topics
+        from stream_jobs.kafka.topics import ensure_topics
 
         key = key or routing_key
         ensure_topics(broker.url, self.args.partitions)
@@ -611,7 +611,7 @@ class Bench:
 
         say("bench: fresh broker for start-up and latency")
         live = self.broker()
-        from stream_jobs.worker.serve import ensure_topics
+        from stream_jobs.kafka.topics import ensure_topics
 
         ensure_topics(live.url, a.partitions)
         results["startup"], sampled = self.startup(live, a.startup_samples)

@@ -1,1 +1,1 @@
-"""Kafka plumbing: the embedded broker and the producers (``stormguard replay``)."""
+"""Kafka plumbing: broker (the embedded broker), replay (producers and ``stormguard replay``), topics (topic admin)."""

@@ -167,7 +167,7 @@ def test_background_generator_sends_valid_events_where_replay_would(broker):
 
     from detectors.events import parse_event
     from stream_jobs.kafka.replay import routing_key
-    from stream_jobs.worker.serve import ensure_topics
+    from stream_jobs.kafka.topics import ensure_topics
     from tests.conftest import read_topic
 
     ensure_topics(broker.url, 4)
