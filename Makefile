@@ -33,7 +33,7 @@ $(APT_STAMP): Makefile
 	@touch $(APT_STAMP)
 
 demo: install
-	@$(PY) -m stream_jobs.demo
+	@$(PY) -m stream_jobs.evaluation.demo
 
 test: install
 	@$(PY) -m pytest

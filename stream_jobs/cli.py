@@ -19,11 +19,11 @@ from stream_jobs.settings import SettingsError
 EXTENSIONS: list[str] = [
     "stream_jobs.core_commands",
     "stream_jobs.learn",
-    "stream_jobs.deliver",
-    "stream_jobs.postfix_ingest",
-    "stream_jobs.postfix_policy",
-    "stream_jobs.simulate",
-    "stream_jobs.evaluate",
+    "stream_jobs.actions.deliver",
+    "stream_jobs.postfix.ingest",
+    "stream_jobs.postfix.policy",
+    "stream_jobs.evaluation.simulate",
+    "stream_jobs.evaluation.evaluate",
 ]
 
 

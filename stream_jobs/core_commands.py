@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import BinaryIO, Iterator
 
 from stream_jobs.settings import EVENTS_TOPIC
 
@@ -52,7 +51,7 @@ def _settings(args) -> int:
 
 
 def _broker(args) -> int:
-    from stream_jobs.broker import BrokerError, run_foreground
+    from stream_jobs.kafka.broker import BrokerError, run_foreground
 
     try:
         return run_foreground(args.port, args.host)
@@ -62,21 +61,9 @@ def _broker(args) -> int:
 
 
 def _run(args) -> int:
-    from stream_jobs.serve import run_worker
+    from stream_jobs.worker.serve import run_worker
 
     return run_worker(broker=args.broker, web_port=args.web_port, embedded_port=args.embedded_port)
-
-
-def open_lines(path: str) -> BinaryIO:
-    return sys.stdin.buffer if path == "-" else open(path, "rb")
-
-
-def read_records(fh: BinaryIO) -> Iterator[bytes]:
-    """Non-blank lines, without their line ending: one record each."""
-    for line in fh:
-        line = line.rstrip(b"\r\n")
-        if line.strip():
-            yield line
 
 
 def _score(args) -> int:
@@ -84,6 +71,7 @@ def _score(args) -> int:
 
     from detectors.engine import StormDetector, process_raw
     from detectors.policy import encode_action, shadow
+    from stream_jobs.kafka.replay import open_lines, read_records
     from stream_jobs.settings import WorkerSettings, policy_from_env
 
     policy = policy_from_env()
@@ -119,7 +107,7 @@ def _score(args) -> int:
 
 
 def _replay(args) -> int:
-    from stream_jobs.replay import ReplayError, replay_file
+    from stream_jobs.kafka.replay import ReplayError, replay_file
 
     try:
         n = replay_file(args.file, broker=args.broker, rate=args.rate, topic=args.topic,

@@ -155,7 +155,7 @@ def oldest_event_time(consumer, topic: str = EVENTS_TOPIC) -> float:
     """The oldest event time among the first records of each partition of ``topic`` (inf: none)."""
     from kafka import TopicPartition
 
-    from stream_jobs.event_order import event_time_of
+    from stream_jobs.worker.event_order import event_time_of
 
     oldest = math.inf
     for p in sorted(consumer.partitions_for_topic(topic) or ()):
@@ -242,12 +242,12 @@ class _Counting:
 def archive_records(fh: Iterable[bytes], fmt: str, args) -> Iterator[bytes]:
     """Raw JSON events from an archive: JSON lines as they are, a maillog through the ingest parser."""
     from detectors.events import encode_event
-    from stream_jobs.core_commands import read_records
+    from stream_jobs.kafka.replay import read_records
 
     if fmt == "jsonl":
         yield from read_records(fh)
         return
-    from stream_jobs.postfix_ingest import PostfixLogParser, _ListSource, _parse_list_counts
+    from stream_jobs.postfix.ingest import PostfixLogParser, _ListSource, _parse_list_counts
 
     tz = None
     if args.timezone:
@@ -294,8 +294,8 @@ def _learn(args) -> int:
     from tqdm import tqdm
 
     from detectors.engine import StormDetector
-    from stream_jobs.replay import bootstrap_servers, kafka_security
-    from stream_jobs.serve import TopicMismatch, ensure_topics
+    from stream_jobs.kafka.replay import bootstrap_servers, kafka_security
+    from stream_jobs.kafka.topics import TopicMismatch, ensure_topics
     from stream_jobs.settings import WorkerSettings, policy_from_env
 
     if args.broker:
@@ -368,6 +368,6 @@ def _learn(args) -> int:
 
 
 def _iso(t: Optional[float]) -> str:
-    from stream_jobs.serve import _iso as iso
+    from stream_jobs.worker.serve import _iso as iso
 
     return "-" if t is None or math.isinf(t) else iso(t)

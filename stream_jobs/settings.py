@@ -281,7 +281,7 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "event can wait on a broker that does not answer long polls early (Tansu); an idle worker makes about "
      "1000/this fetches a second"),
     ("STORMGUARD_FAST_DRAIN", "true", "hand each fetched batch of records to the agents in one task instead of "
-     "Faust's four tasks per record (`stream_jobs/faust_tuning.py`); `false` gives stock Faust"),
+     "Faust's four tasks per record (`stream_jobs/worker/faust_tuning.py`); `false` gives stock Faust"),
     ("STORMGUARD_MODEL_SAVE_MS", "500", "how long, in milliseconds, a changed list model may wait before it "
      "is written to the `list_models` changelog (freezes are written at once); 0 writes them after every batch. "
      "Every changed model is also written when an offset commit starts, so this spreads the writes out "
@@ -302,7 +302,7 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "`stormguard_history_*`. `false`: act on everything. `STORMGUARD_LEARN_ONLY_UNTIL` sets the cut-off by hand"),
     ("STORMGUARD_ORDER_WAIT_MS", "2000", "longest wait, in milliseconds, for a partition that is behind "
      "(the broker has more of it) before newer events from the other partitions are scored anyway; the worker "
-     "scores a list's events oldest first across partitions (`stream_jobs/event_order.py`), and caught-up "
+     "scores a list's events oldest first across partitions (`stream_jobs/worker/event_order.py`), and caught-up "
      "partitions never hold anything back"),
     ("STORMGUARD_DLQ_MAX_BYTES", "900000", "largest dead-letter envelope in bytes; a record whose base64 copy "
      "would not fit keeps a prefix, with its length and SHA-256 (`raw_truncated: true`). Keep it under the "

@@ -12,8 +12,8 @@ from typing import Iterator, Optional
 
 import pytest
 
-from stream_jobs import processes
-from stream_jobs.broker import EmbeddedBroker, free_port
+from stream_jobs.worker import processes
+from stream_jobs.kafka.broker import EmbeddedBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STORMGUARD = [sys.executable, "-m", "stream_jobs.cli"]
@@ -117,7 +117,7 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 5.0, until=None) -> 
 
 
 def produce_lines(bootstrap: str, lines: list[bytes], topic: str = "mail.events") -> None:
-    from stream_jobs.replay import make_producer, produce
+    from stream_jobs.kafka.replay import make_producer, produce
 
     producer = make_producer(f"kafka://{bootstrap}")
     try:

@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from stream_jobs import dashboards  # noqa: E402
-from stream_jobs.broker import EmbeddedBroker, free_port  # noqa: E402
-from stream_jobs.localstack import STORM_LIST, Prometheus, Worker, produce, storm_events  # noqa: E402
+from stream_jobs.observability import dashboards  # noqa: E402
+from stream_jobs.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
+from stream_jobs.observability.localstack import STORM_LIST, Prometheus, Worker, produce, storm_events  # noqa: E402
 
 #: (dashboard, panel title) in the order drawn: 2 columns.
 PANELS = [

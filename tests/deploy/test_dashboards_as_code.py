@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from stream_jobs import dashboards, metrics
+from stream_jobs import metrics
+from stream_jobs.observability import dashboards
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
@@ -21,9 +22,9 @@ def _models() -> dict[str, dict]:
 def test_committed_json_equals_generated():
     generated = dashboards.generate()
     on_disk = {p.name: p.read_text(encoding="utf-8") for p in dashboards.OUT_DIR.glob("*.json")}
-    assert sorted(on_disk) == sorted(generated), "run: python -m stream_jobs.dashboards"
+    assert sorted(on_disk) == sorted(generated), "run: python -m stream_jobs.observability.dashboards"
     for name, text in generated.items():
-        assert on_disk[name] == text, f"{name} is stale: run python -m stream_jobs.dashboards"
+        assert on_disk[name] == text, f"{name} is stale: run python -m stream_jobs.observability.dashboards"
     assert dashboards.main(["--check"]) == 0
 
 

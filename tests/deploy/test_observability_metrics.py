@@ -13,7 +13,7 @@ from detectors.engine import StormDetector, process_raw
 from detectors.events import parse_event, InvalidEvent
 from detectors.policy import PolicyConfig
 from stream_jobs import metrics
-from stream_jobs.localstack import STORM_LIST, storm_events
+from stream_jobs.observability.localstack import STORM_LIST, storm_events
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from stream_jobs import dashboards
-from stream_jobs.broker import EmbeddedBroker, free_port
-from stream_jobs.localstack import STORM_LIST, Prometheus, Worker, produce, storm_events
+from stream_jobs.observability import dashboards
+from stream_jobs.kafka.broker import EmbeddedBroker, free_port
+from stream_jobs.observability.localstack import STORM_LIST, Prometheus, Worker, produce, storm_events
 
 pytestmark = pytest.mark.live
 

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from stream_jobs.localstack import scrape_config
+from stream_jobs.observability.localstack import scrape_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "deploy" / "schemas" / "compose-spec.json").read_text())
@@ -72,7 +72,7 @@ def test_stack_has_the_production_shape():
 
 
 def test_prometheus_scrapes_both_workers_as_the_dashboards_expect():
-    from stream_jobs.dashboards import JOB
+    from stream_jobs.observability.dashboards import JOB
 
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     job = next(j for j in config["scrape_configs"] if j["job_name"] == JOB)

@@ -8,8 +8,8 @@ import pytest
 from detectors.engine import StormDetector
 from detectors.events import MailEvent
 from detectors.policy import PolicyConfig
-from stream_jobs.evaluate import StormguardGateway
-from stream_jobs.simulate import scenario, scenario_events
+from stream_jobs.evaluation.gateways import StormguardGateway
+from stream_jobs.evaluation.simulate import scenario, scenario_events
 
 T = 1_479_114_000.0  # Monday 14 Nov 2016 09:00 UTC
 MIN = 60.0

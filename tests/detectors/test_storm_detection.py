@@ -13,8 +13,8 @@ import pytest
 from detectors.engine import StormDetector
 from detectors.events import MailEvent
 from detectors.policy import PolicyConfig
-from stream_jobs.evaluate import StormguardGateway
-from stream_jobs.simulate import scenario, scenario_events
+from stream_jobs.evaluation.gateways import StormguardGateway
+from stream_jobs.evaluation.simulate import scenario, scenario_events
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -65,7 +65,7 @@ def test_a_benign_week_of_a_50000_person_organisation_freezes_nothing():
 @pytest.mark.skipif(not DATA.exists(), reason="the real traces are not here")
 @pytest.mark.parametrize("trace", ["eu-core", "dnc"])
 def test_real_traces_freeze_nothing_and_an_injected_storm_within_five(trace):
-    from stream_jobs.traces import TRACES, trace_scenario
+    from stream_jobs.evaluation.traces import TRACES, trace_scenario
 
     path = DATA / TRACES[trace].file
     gw = StormguardGateway()

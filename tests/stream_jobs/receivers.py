@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from aiohttp import web
 
-from stream_jobs.broker import free_port
+from stream_jobs.kafka.broker import free_port
 
 
 class _ThreadedServer:

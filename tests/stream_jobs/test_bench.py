@@ -39,7 +39,7 @@ def _positive(x) -> bool:
 
 @pytest.mark.timeout(1200)
 def test_every_throughput_figure_is_there_and_counts_every_event(results):
-    from stream_jobs.bench import lookup
+    from stream_jobs.bench.report import lookup
 
     n = results["events"]["count"]
     assert n >= 10_000 and results["events"]["list_posts"] > 0 and results["events"]["list_replies"] > 0
@@ -99,8 +99,8 @@ def test_sender_keyed_worker_routes_every_list_post_and_counts_events(results):
 def test_sender_keys_and_the_shares_they_route():
     """``sender_key`` is the sender's bytes; ``by_list_shares`` routes as the worker does: a one-list post
     keyed by its list stays, any other list post sends one share per list, direct mail none."""
-    from stream_jobs.bench import by_list_shares, encode_all, realistic_events, sender_key
-    from stream_jobs.replay import routing_key
+    from stream_jobs.bench.traffic import by_list_shares, encode_all, realistic_events, sender_key
+    from stream_jobs.kafka.replay import routing_key
 
     one = b'{"message_id":"a","timestamp":1,"sender":"s@x","recipients":["l@x"],"lists":{"l@x":5}}'
     two = b'{"message_id":"b","timestamp":1,"sender":"s@x","recipients":["l@x","m@x"],"lists":{"l@x":5,"m@x":9}}'
@@ -116,7 +116,7 @@ def test_sender_keys_and_the_shares_they_route():
 
 @pytest.mark.timeout(1200)
 def test_ratios_are_the_quotients_of_the_figures(results):
-    from stream_jobs.bench import RATIOS, lookup
+    from stream_jobs.bench.report import RATIOS, lookup
 
     wanted = set(RATIOS) if sys.platform.startswith("linux") else {n for n in RATIOS if "per_cpu" not in n}
     assert wanted <= set(results["ratios"]) <= set(RATIOS)
@@ -161,17 +161,17 @@ def test_startup_and_memory_figures(results):
 
 @pytest.mark.timeout(120)
 def test_background_generator_sends_valid_events_where_replay_would(broker):
-    """``stream_jobs.bench_load`` (the latency phase's background): valid events, at about the
+    """``stream_jobs.bench.load`` (the latency phase's background): valid events, at about the
     asked count, each on the partition kafka-python (``stormguard replay``) would choose."""
     from kafka.partitioner.default import murmur2
 
     from detectors.events import parse_event
-    from stream_jobs.replay import routing_key
-    from stream_jobs.serve import ensure_topics
+    from stream_jobs.kafka.replay import routing_key
+    from stream_jobs.kafka.topics import ensure_topics
     from tests.conftest import read_topic
 
     ensure_topics(broker.url, 4)
-    load = subprocess.Popen([sys.executable, "-m", "stream_jobs.bench_load", broker.url, "400", "1.0", "7"],
+    load = subprocess.Popen([sys.executable, "-m", "stream_jobs.bench.load", broker.url, "400", "1.0", "7"],
                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert load.stdout.readline().strip() == "ready"
     out, _ = load.communicate("go\n", timeout=60)
@@ -187,6 +187,6 @@ def test_background_generator_sends_valid_events_where_replay_would(broker):
 
 
 def test_background_generator_says_how_to_call_it():
-    done = subprocess.run([sys.executable, "-m", "stream_jobs.bench_load", "kafka://127.0.0.1:9"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "stream_jobs.bench.load", "kafka://127.0.0.1:9"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "usage: python -m stream_jobs.bench_load" in done.stderr
+    assert done.returncode == 2 and "usage: python -m stream_jobs.bench.load" in done.stderr

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from detectors.policy import Action, encode_action
-from stream_jobs.broker import free_port
-from stream_jobs.processes import ChildProcess
+from stream_jobs.kafka.broker import free_port
+from stream_jobs.worker.processes import ChildProcess
 from stream_jobs.settings import ACTIONS_TOPIC
 from tests.conftest import ROOT, STORMGUARD, http_json, read_topic
 from tests.stream_jobs.receivers import FakeGrafana, RecordingServer, WebhookReceiver
@@ -76,7 +76,7 @@ def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
 
 
 def produce_actions(bootstrap: str, actions: list[Action], raw: list[bytes] = ()) -> None:
-    from stream_jobs.replay import make_producer
+    from stream_jobs.kafka.replay import make_producer
 
     producer = make_producer(f"kafka://{bootstrap}")
     try:
@@ -183,8 +183,8 @@ def test_receivers_down_during_a_storm_get_every_action_once_back(broker, start_
 @pytest.mark.live
 async def test_rejected_and_undecodable_actions_are_dead_lettered_and_delivery_moves_on(broker, tmp_path):
     """A receiver that refuses a request for good does not wedge the outbox (in-process Deliverer)."""
-    from stream_jobs.deliver import ACTIONS_DLQ_TOPIC, DeliverSettings, Deliverer
-    from stream_jobs.sinks.http import HttpSink
+    from stream_jobs.actions.deliver import ACTIONS_DLQ_TOPIC, DeliverSettings, Deliverer
+    from stream_jobs.actions.sinks.http import HttpSink
 
     create_topic(broker.bootstrap, ACTIONS_TOPIC, partitions=1)
     actions = storm_actions(range(2), T0, unfreeze_every=1)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from stream_jobs.processes import WorkerProcess
+from stream_jobs.worker.processes import WorkerProcess
 from tests.conftest import ROOT, STORMGUARD, http_json, read_topic, wait_for
 from tests.scenarios import T0, background, lines, nhsmail_storm
 

@@ -10,8 +10,8 @@ import pytest
 
 from detectors.events import MailEvent
 from detectors.peers import ExchangeReplyAllRule, StaticThresholdRule
-from stream_jobs.evaluate import evaluate_benign, evaluate_storm, to_json
-from stream_jobs.simulate import scenario
+from stream_jobs.evaluation.evaluate import evaluate_benign, evaluate_storm, to_json
+from stream_jobs.evaluation.simulate import scenario
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -49,7 +49,7 @@ def test_exchange_never_fires_under_its_recipient_floor_but_stormguard_does(smal
 
 
 def test_json_and_report_with_plots(nhsmail, small_org, tmp_path):
-    from stream_jobs.report import summary_table, write_report
+    from stream_jobs.evaluation.report import summary_table, write_report
 
     benign = evaluate_benign(scenario("benign-week", 2, 1.0, sample=0.05))
     result = json.loads(json.dumps(to_json([nhsmail, small_org], [benign], 1, 1.0)))
@@ -99,7 +99,7 @@ def test_exchange_rule_counts_reply_alls_per_thread_in_a_sliding_hour():
 
 @pytest.mark.skipif(not DATA.exists(), reason="the real traces are not here")
 def test_eu_core_trace_is_shifted_to_a_real_monday_and_converted_message_by_message():
-    from stream_jobs.traces import TRACES, trace_events
+    from stream_jobs.evaluation.traces import TRACES, trace_events
 
     info = TRACES["eu-core"]
     events = list(trace_events(DATA / info.file, info.domain, info.shift))
@@ -112,7 +112,7 @@ def test_eu_core_trace_is_shifted_to_a_real_monday_and_converted_message_by_mess
 
 
 def test_trace_converter_groups_lines_by_sender_and_second():
-    from stream_jobs.traces import trace_events
+    from stream_jobs.evaluation.traces import trace_events
 
     evs = list(trace_events(io.StringIO("5 6 10\n5 7 10\n6 5 10\n5 6 11\n"), "t.example"))
     assert [(e.sender, len(e.recipients)) for e in evs] == [("p5@t.example", 2), ("p6@t.example", 1),
@@ -177,7 +177,7 @@ def test_cli_evaluate_seeds_reports_seed_by_seed(tmp_path):
 
 
 def test_seed_lists():
-    from stream_jobs.evaluate import _seed_list
+    from stream_jobs.evaluation.evaluate import _seed_list
 
     assert _seed_list("0-19") == list(range(20)) and _seed_list("3,1,3") == [3, 1]
     with pytest.raises(Exception):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from stream_jobs.evaluate import StormguardGateway, evaluate_storm
-from stream_jobs.simulate import scenario, scenario_events
+from stream_jobs.evaluation.evaluate import evaluate_storm
+from stream_jobs.evaluation.gateways import StormguardGateway
+from stream_jobs.evaluation.simulate import scenario, scenario_events
 
 pytestmark = pytest.mark.live
 
 
 def test_nhsmail_is_frozen_live_after_one_reply_all_and_live_matches_offline():
-    from stream_jobs.demo import LiveSession
+    from stream_jobs.evaluation.gateways import LiveSession
 
     sc = scenario("nhsmail", 0, background_days=0.25)
     session = LiveSession().start()

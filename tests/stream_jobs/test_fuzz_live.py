@@ -57,7 +57,7 @@ def record(draw) -> bytes:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from stream_jobs.broker import EmbeddedBroker, free_port
+    from stream_jobs.kafka.broker import EmbeddedBroker, free_port
     from tests.conftest import WorkerProcess
 
     with EmbeddedBroker(port=free_port()) as broker:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_jobs.broker import free_port
+from stream_jobs.kafka.broker import free_port
 from tests.conftest import ROOT, STORMGUARD, read_topic, wait_for
 
 pytestmark = pytest.mark.live

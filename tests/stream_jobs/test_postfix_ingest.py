@@ -20,8 +20,8 @@ import pytest
 
 from detectors.events import encode_event, parse_event
 from stream_jobs import cli
-from stream_jobs.postfix_ingest import (NULL_SENDER, ListMapError, PostfixLogParser, follow_lines,
-                                        load_list_files, read_virtual_lists)
+from stream_jobs.postfix.ingest import NULL_SENDER, PostfixLogParser, follow_lines
+from stream_jobs.postfix.lists import ListMapError, load_list_files, read_virtual_lists
 
 HERE = Path(__file__).parent
 DELIVERED = HERE / "postfix_maillog_delivered.log"
@@ -238,7 +238,7 @@ def test_iso_time_stamps_and_the_year_of_classic_ones():
 
 
 def test_cli_writes_events_as_json_lines(capsysbinary, monkeypatch):
-    monkeypatch.setattr("stream_jobs.postfix_ingest.time.time", CLOCK)
+    monkeypatch.setattr("stream_jobs.postfix.ingest.time.time", CLOCK)
     code = cli.main(["ingest", "postfix-log", "--stdout", "--lists", str(VIRTUAL),
                      "--list", "Extra@Example.org=12", str(DELIVERED)])
     assert code == 0

@@ -11,9 +11,10 @@ import msgspec
 import pytest
 
 from detectors.engine import ListStatus
-from stream_jobs.postfix_policy import (DEFAULT_DEFER_TEXT, ListStates, PolicyDecider, PolicyServer,
-                                        ProtocolError, WorkerApiSource, format_reply, parse_request,
-                                        split_listen, warn)
+from stream_jobs.postfix.list_state import ListStates, WorkerApiSource, warn
+from stream_jobs.postfix.policy import (DEFAULT_DEFER_TEXT, PolicyDecider, PolicyServer,
+                                        ProtocolError, format_reply, parse_request,
+                                        split_listen)
 
 ALL = "all@lists.example.test"
 
@@ -311,7 +312,7 @@ async def test_worker_api_source_polls_the_set_of_frozen_lists():
 
 
 async def test_worker_api_down_fails_open():
-    from stream_jobs.broker import free_port
+    from stream_jobs.kafka.broker import free_port
 
     worker = WorkerApiSource(f"http://127.0.0.1:{free_port()}", timeout=1.0)
     try:
@@ -325,9 +326,9 @@ async def test_worker_api_down_fails_open():
 
 @pytest.mark.live
 def test_kafka_feed_follows_the_compacted_list_state_topic():
-    from stream_jobs.broker import embedded
-    from stream_jobs.postfix_policy import KafkaStateFeed
-    from stream_jobs.replay import make_producer
+    from stream_jobs.kafka.broker import embedded
+    from stream_jobs.postfix.list_state import KafkaStateFeed
+    from stream_jobs.kafka.replay import make_producer
     from stream_jobs.settings import LIST_STATE_TOPIC
 
     def wait(pred, timeout=20.0):

@@ -38,7 +38,7 @@ Record = tuple[Optional[bytes], bytes, list]  # key, value, headers
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """One embedded broker and one worker for the whole matrix (3 partitions, so keys spread)."""
-    from stream_jobs.broker import EmbeddedBroker, free_port
+    from stream_jobs.kafka.broker import EmbeddedBroker, free_port
 
     with EmbeddedBroker(port=free_port()) as broker:
         worker = WorkerProcess(broker.url, tmp_path_factory.mktemp("producers"),

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from detectors.policy import PolicyConfig
-from stream_jobs.broker import BrokerError, EmbeddedBroker, free_port
-from stream_jobs.replay import bootstrap_servers, routing_key
+from stream_jobs.kafka.broker import BrokerError, EmbeddedBroker, free_port
+from stream_jobs.kafka.replay import bootstrap_servers, routing_key
 from stream_jobs.settings import SettingsError, WorkerSettings, policy_from_env, secret
 from tests.conftest import ROOT, STORMGUARD
 from tests.scenarios import BAD_RECORDS, T0, background, lines, nhsmail_storm
@@ -128,7 +128,7 @@ def test_event_order_merges_partitions_and_waits_for_one_that_is_behind():
     the broker has more of it holds back newer records, for at most max_wait; junk goes at once."""
     from collections import namedtuple
 
-    from stream_jobs.event_order import EventTimeScheduler
+    from stream_jobs.worker.event_order import EventTimeScheduler
 
     TP, Rec = namedtuple("TP", "topic partition"), namedtuple("Rec", "offset value")
     a, b, other = TP("mail.events", 0), TP("mail.events", 1), TP("stormguard.commands", 0)

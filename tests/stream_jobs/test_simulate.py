@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from detectors.events import MailEvent, parse_event
-from stream_jobs.simulate import (TRACE_FANOUT, Org, OpenGateway, benign_events, epoch, scenario,
+from stream_jobs.evaluation.simulate import (TRACE_FANOUT, Org, OpenGateway, benign_events, epoch, scenario,
                                   scenario_events)
 
 #: INCIDENT.md: ~840,000 members, ~600 list messages and ~500 million deliveries in 75 minutes.

@@ -12,10 +12,10 @@ import pytest
 
 from detectors.policy import Action
 from stream_jobs.settings import SettingsError
-from stream_jobs.sinks import Rejected, SinkError, Skip, sinks_from_env
-from stream_jobs.sinks.alertmanager import WebhookSink, alertmanager_payload, fingerprint
-from stream_jobs.sinks.grafana import GrafanaSink
-from stream_jobs.sinks.http import HttpSink
+from stream_jobs.actions.sinks import Rejected, SinkError, Skip, sinks_from_env
+from stream_jobs.actions.sinks.alertmanager import WebhookSink, alertmanager_payload, fingerprint
+from stream_jobs.actions.sinks.grafana import GrafanaSink
+from stream_jobs.actions.sinks.http import HttpSink
 from tests.stream_jobs.receivers import FakeGrafana, RecordingServer, WebhookReceiver
 
 SECRET = "whsec_" + base64.b64encode(b"stormguard-test-secret-32-bytes!").decode()
@@ -139,7 +139,7 @@ async def test_webhook_status_classes():
             finally:
                 await sink.close()
     # Nothing listens: a transient failure (retried), never a crash.
-    sink = WebhookSink(f"http://127.0.0.1:{__import__('stream_jobs.broker').broker.free_port()}/h", SECRET, timeout=2)
+    sink = WebhookSink(f"http://127.0.0.1:{__import__('stream_jobs.kafka.broker').kafka.broker.free_port()}/h", SECRET, timeout=2)
     try:
         with pytest.raises(aiohttp.ClientError):
             await sink.deliver(action("freeze"))
@@ -187,7 +187,7 @@ async def test_grafana_annotation_created_then_closed():
 
 
 async def test_grafana_down_is_transient():
-    from stream_jobs.broker import free_port
+    from stream_jobs.kafka.broker import free_port
 
     sink = GrafanaSink(f"http://127.0.0.1:{free_port()}", "t", timeout=2)
     try:
@@ -247,7 +247,7 @@ async def test_mailman_list_emergency_moderation_set_and_released(tmp_path):
     """Against a real Mailman 3 core (SQLite) that this test installs (once) and starts."""
     from pathlib import Path
 
-    from stream_jobs.sinks.mailman import MailmanSink
+    from stream_jobs.actions.sinks.mailman import MailmanSink
     from tests.stream_jobs.receivers import MailmanCore
 
     root = Path(__file__).resolve().parents[2]
@@ -286,7 +286,7 @@ async def test_mailman_list_emergency_moderation_set_and_released(tmp_path):
 async def test_shadow_mode_decisions_hold_nothing_and_say_would_freeze(tmp_path):
     """STORMGUARD_ENFORCE=false: Mailman and the HTTP sink do nothing; webhooks and Grafana say "would"."""
     from detectors.policy import shadow
-    from stream_jobs.sinks.mailman import MailmanSink
+    from stream_jobs.actions.sinks.mailman import MailmanSink
 
     freeze, unfreeze = shadow(action("freeze")), shadow(action("unfreeze", t=T0 + 60))
     assert not HttpSink("http://127.0.0.1:1/{list}").accepts(freeze)

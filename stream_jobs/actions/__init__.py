@@ -1,0 +1,1 @@
+"""Acting on decisions: ``stormguard deliver`` (the outbox) and the sinks it feeds."""

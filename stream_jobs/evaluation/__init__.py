@@ -1,0 +1,1 @@
+"""The closed loop: simulated and real traffic, the gateways, the evaluation, its report and ``make demo``."""

@@ -1,0 +1,1 @@
+"""Kafka plumbing: broker (the embedded broker), replay (producers and ``stormguard replay``), topics (topic admin)."""

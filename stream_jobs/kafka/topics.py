@@ -1,0 +1,108 @@
+"""Topic admin: follow the topics that exist, create the missing ones, refuse the ones that cannot agree."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
+                                  by_list_topic, changelog_topics)
+
+log = logging.getLogger("stormguard.serve")
+
+
+class TopicMismatch(RuntimeError):
+    """A topic that exists cannot work with the others; the message says which, why, and the fix."""
+
+
+def ensure_topics(broker: str, partitions: int, app_id: str = "stormguard") -> int:
+    """Follow the topics that exist, create the missing ones, and return the partition count to use.
+
+    An existing ``mail.events`` decides the partition count of everything the worker makes
+    (``partitions`` is only used to create it). A topic that exists and cannot agree (a changelog,
+    the by-list topic or the commands topic with another partition count, a ``stormguard.list-state``
+    that is not compacted) raises :class:`TopicMismatch`, naming the topic, what it has, what it
+    needs and the command that fixes it. A broker that cannot be reached or refuses to create topics
+    is only warned about: the worker tries anyway.
+    """
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    from stream_jobs.kafka.replay import bootstrap_servers, kafka_security
+
+    servers = bootstrap_servers(broker)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=servers, client_id="stormguard-admin",
+                                 request_timeout_ms=10_000, **kafka_security())
+    except KafkaError as exc:
+        log.warning("cannot reach %s to check and create topics (%s); the worker will try anyway", broker, exc)
+        return partitions
+    try:
+        existing = {t["name"]: len(t["partitions"]) for t in admin.describe_topics()
+                    if not t.get("error_code") and t.get("partitions")}
+        n = existing.get(EVENTS_TOPIC, partitions)
+        if EVENTS_TOPIC in existing and n != partitions and os.environ.get("STORMGUARD_PARTITIONS"):
+            log.warning("%s already has %d partitions: using %d (STORMGUARD_PARTITIONS=%d only applies when "
+                        "the worker creates it)", EVENTS_TOPIC, n, n, partitions)
+        bootstrap = ",".join(servers)
+        problems = []
+        for name in [by_list_topic(app_id), COMMANDS_TOPIC] + changelog_topics(app_id):
+            have = existing.get(name)
+            if have is None or have == n:
+                continue
+            fix = (f"kafka-topics.sh --bootstrap-server {bootstrap} --alter --topic {name} --partitions {n}"
+                   if have < n else
+                   f"kafka-topics.sh --bootstrap-server {bootstrap} --delete --topic {name}  "
+                   "(a topic cannot lose partitions; the worker makes it again)")
+            what = ("its lists' models are re-learned where they moved" if name.endswith("list_models-changelog")
+                    else "freezes in it stay in stormguard.list-state for the gateways; re-apply them with "
+                         "the admin API" if name.endswith("list_state-changelog") else "nothing is lost")
+            problems.append(f"topic {name} has {have} partition(s); Stormguard needs {n}, the partitions of "
+                            f"{EVENTS_TOPIC}, so that each list is scored and remembered on one worker. "
+                            f"Fix: {fix} ({what})")
+        if LIST_STATE_TOPIC in existing:
+            try:
+                configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, LIST_STATE_TOPIC)])
+                policy = _config_value(configs, LIST_STATE_TOPIC, "cleanup.policy")
+            except KafkaError as exc:
+                policy = None
+                log.warning("cannot read the configuration of %s (%s)", LIST_STATE_TOPIC, exc)
+            if policy is None:
+                log.warning("the broker does not say whether %s is compacted; it must be "
+                            "(cleanup.policy=compact), or old freezes vanish from it", LIST_STATE_TOPIC)
+            elif "compact" not in policy:
+                problems.append(
+                    f"topic {LIST_STATE_TOPIC} has cleanup.policy={policy}; Stormguard needs compact, so that "
+                    "every list's current state stays readable however old it is. Fix: kafka-configs.sh "
+                    f"--bootstrap-server {bootstrap} --alter --entity-type topics --entity-name "
+                    f"{LIST_STATE_TOPIC} --add-config cleanup.policy=compact")
+        if problems:
+            raise TopicMismatch("\n".join(problems))
+        wanted = {EVENTS_TOPIC: {}, DLQ_TOPIC: {}, ACTIONS_TOPIC: {}, COMMANDS_TOPIC: {}, by_list_topic(app_id): {},
+                  LIST_STATE_TOPIC: {"cleanup.policy": "compact"}}
+        new = [NewTopic(name, n, 1, topic_configs=cfg) for name, cfg in wanted.items() if name not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+        return n
+    except KafkaError as exc:
+        log.warning("could not check or create topics on %s: %s", broker, exc)
+        return partitions
+    finally:
+        admin.close()
+
+
+def _config_value(described, topic: str, key: str) -> Optional[str]:
+    """One topic setting from kafka-python's ``describe_configs`` answer (its shape varies by version)."""
+    if isinstance(described, dict):  # kafka-python 3: {"topic": {name: {key: value}}}
+        value = (described.get("topic") or {}).get(topic, {}).get(key)
+        return value if value is None or isinstance(value, str) else str(getattr(value, "value", value))
+    for response in described or []:
+        for resource in getattr(response, "resources", []):
+            for entry in resource[4]:
+                if entry[0] == key:
+                    return entry[1]
+    return None

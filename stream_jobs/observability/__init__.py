@@ -1,0 +1,1 @@
+"""Dashboards as code and the local Prometheus the tests and previews scrape."""

@@ -1,0 +1,1 @@
+"""The live worker: the Faust app, its agents and web views, Faust tuning, event-time order, ``stormguard run``."""

@@ -1,0 +1,601 @@
+"""The live worker: a Faust app that feeds ``mail.events`` through the detectors.
+
+:func:`create_app` builds it from :class:`stream_jobs.settings.WorkerSettings`: the app, its
+topics, the ``list_state`` and ``list_models`` tables, two short agents, the timers and the web
+views, all around one :class:`StormguardWorker` that holds the detector and the worker's state.
+Importing this module builds nothing; ``stormguard run`` (:mod:`stream_jobs.worker.serve`)
+sets the environment, calls :func:`create_app` and starts the app.
+
+The agents are thin: every decision is :class:`detectors.engine.StormDetector`'s,
+the same object ``stormguard score`` uses offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import hashlib
+import hmac
+import logging
+import os
+import pickle
+import time
+import uuid
+import weakref
+from time import perf_counter
+from typing import Any, Optional
+
+import faust
+import msgspec
+from faust.sensors import Sensor
+from faust.streams import _current_event  # faust-streaming 0.15 (pinned): the record a table write belongs to
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from detectors.engine import ListStatus, Outcome, StormDetector, process_raw
+from detectors.events import InvalidEvent, parse_event
+from detectors.policy import Action, encode_action, shadow
+from kafka.partitioner.default import murmur2
+
+from stream_jobs import metrics
+from stream_jobs.worker.event_order import EventTimeScheduler
+from stream_jobs.worker.faust_tuning import RawSchema, StormguardApp
+from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
+                                  WorkerSettings, by_list_topic, secret)
+
+log = logging.getLogger("stormguard.worker")
+
+_META_KEY = "__stormguard_meta__"
+#: Records scored per batch at most, and the longest wait to fill one (seconds):
+#: under light traffic a record waits at most this long before it is scored.
+BATCH_MAX = 500
+BATCH_WITHIN = 0.01
+#: Seconds between an agent's death and the process's exit: long enough for a last /healthz and log line.
+EXIT_AFTER_DEATH_S = 2.0
+#: Faust's names for the agents and timers (as they were when the app was declared at module level).
+_NAME = "stream_jobs.worker"
+
+
+def create_app(settings: Optional[WorkerSettings] = None) -> StormguardApp:
+    """The worker's Faust app, with its agents, timers and web views (settings: from the environment)."""
+    return StormguardWorker(settings or WorkerSettings.from_env()).app
+
+
+class StormguardWorker:
+    """One worker: the app, its topics and tables, the detector, and what the agents and views share."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.by_list_name = by_list_topic(settings.app_id)
+        worker = self
+
+        class EventOrder(EventTimeScheduler):
+            """Both event topics merged oldest event first across this worker's partitions."""
+
+            ordered_topics = frozenset({EVENTS_TOPIC, self.by_list_name})
+            max_wait = settings.order_wait_ms / 1000.0
+            has_backlog = staticmethod(self._has_backlog)
+            generation = staticmethod(lambda: worker.app.consumer_generation_id)
+
+        app = self.app = StormguardApp.from_settings(settings, ConsumerScheduler=EventOrder)
+        app.stormguard = self  # what the agents and views share, for whoever holds only the app
+
+        # Bytes on the wire both ways: the detectors decode events themselves (msgspec).
+        # The scoring agent reads mail.events as producers keyed it (by list, by sender or not at all) and the
+        # by-list topic, where each list's share of a message reaches the worker that owns the list.
+        self.events_topic = app.topic(EVENTS_TOPIC, self.by_list_name, partitions=settings.partitions,
+                                      schema=RawSchema())
+        self.by_list = app.topic(self.by_list_name, partitions=settings.partitions, schema=RawSchema())
+        self.dlq_topic = app.topic(DLQ_TOPIC, partitions=settings.partitions, schema=RawSchema())
+        self.actions_topic = app.topic(ACTIONS_TOPIC, partitions=settings.partitions, schema=RawSchema())
+        self.list_state_topic = app.topic(LIST_STATE_TOPIC, partitions=settings.partitions, schema=RawSchema())
+        self.commands_topic = app.topic(COMMANDS_TOPIC, partitions=settings.partitions, schema=RawSchema())
+
+        #: Every list's freeze state, changelog-backed: a restarted worker keeps every freeze.
+        self.list_state = app.Table("list_state", default=None, partitions=settings.partitions,
+                                    schema=faust.Schema(key_serializer="json", value_serializer="json"))
+        #: Each list's learned model (velocity norm, threads, posters), so a restarted or
+        #: surviving worker decides as the one that died would have. Pickled: this
+        #: changelog must be writable only by Stormguard (see the threat model).
+        self.list_models = app.Table("list_models", default=None, partitions=settings.partitions, key_type=str,
+                                     value_type=bytes,
+                                     schema=faust.Schema(key_serializer="json", value_serializer="raw"))
+
+        #: How long a changed list model may wait before it is written to the changelog (seconds).
+        self.model_save_s = settings.model_save_ms / 1000.0
+        self.detector = StormDetector(settings.policy)
+        self.ready = asyncio.Event()
+        #: Lists whose model changed since it was last saved: the last record that changed it, and when
+        #: (monotonic) the first unsaved change came. Oldest first, so saves are spread over the batches.
+        self.unsaved: dict[str, tuple[Any, float]] = {}
+        self.records_consumed = 0
+        self.pending_commands: dict[str, asyncio.Future] = {}
+        self._status_encoder = msgspec.json.Encoder()
+        #: Why an agent died, if one did: /healthz answers 503 and the process exits (see :meth:`agent_died`).
+        self.dead: dict[str, str] = {}
+        #: A list's partition (of mail.events and the by-list topic alike), as Java's and Faust's partitioner
+        #: picks it.
+        self._home: dict[str, int] = {}
+        self.dead_letter_failures = 0
+        #: Wall-clock time the first event past the history cut-off was scored (None: still learning history).
+        self.live_since: Optional[float] = None if settings.policy.learn_only_until else time.time()
+        #: Freezes between two full collections of everything (about an hour at the default interval).
+        self.gc_reclaim_every = max(1, round(3600 / settings.gc_freeze_s)) if settings.gc_freeze_s else 0
+        self._gc_freezes = 0
+        metrics.HISTORY_UNTIL.set(settings.policy.learn_only_until)
+        metrics.LIVE.set(0 if self.live_since is None else 1)
+        _declare(self)
+
+    def _has_backlog(self, tp) -> bool:
+        """Does the broker hold records of ``tp`` that this worker has not been handed yet?"""
+        consumer = self.app.consumer._thread._ensure_consumer()  # the aiokafka consumer Faust runs
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+        if state is None or not state.has_valid_position:
+            return False
+        end = consumer.last_stable_offset(tp) if consumer._isolation_level == "read_committed" \
+            else consumer.highwater(tp)
+        return end is not None and end > state.position
+
+    # -- scoring ----------------------------------------------------------------------------
+    async def score_batch(self, events: list) -> None:
+        """Score one batch of records; publish what the detectors decide.
+
+        A changed list's model is written to its changelog once it has waited
+        ``STORMGUARD_MODEL_SAVE_MS``, not once per record (pickling and producing a
+        busy list's model was the worker's biggest cost during a storm); each batch
+        saves only the lists whose wait is over, so the saves are spread out
+        instead of stalling the loop every interval; whatever is left is written
+        when an offset commit starts (:class:`_SaveModelsBeforeCommit`). Decisions are unchanged:
+        records still reach the detector one at a time, in partition order, and
+        every action, freezes included, is published as soon as its record is scored.
+        """
+        settings, detector = self.settings, self.detector
+        now = time.monotonic()
+        for event in events:
+            # Tables partition their changelog by the record being processed.
+            _current_event.set(weakref.ref(event))
+            raw = event.value
+            raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
+            message = event.message
+            started = perf_counter()
+            if message.topic == self.by_list_name:  # one list's share, routed here because we own the list
+                share = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else ""
+                outcome = process_raw(detector, raw, (share,))
+                away = ()
+            else:
+                outcome, away = self.score_here(raw, event.key, message.partition)
+            metrics.PROCESSING_SECONDS.observe(perf_counter() - started)
+            if settings.crash_on_message_id and outcome.event is not None \
+                    and outcome.event.message_id == settings.crash_on_message_id:
+                raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {settings.crash_on_message_id}")
+            if outcome.error is not None:
+                await self.dead_letter(event, outcome.error)
+            else:
+                for address in outcome.event.lists:
+                    if address not in away:
+                        waiting = self.unsaved.get(address)
+                        self.unsaved[address] = (event, now if waiting is None else waiting[1])
+                for address in away:
+                    # stamped as the gateway stamped it: produce -> action stays the gateway's latency
+                    await self.by_list.send(key=address.encode(), value=raw, partition=self._home[address],
+                                            headers=event.headers, timestamp=_record_time(event))
+            for action in outcome.actions:
+                await self.publish(action)
+            if message.topic == self.by_list_name:  # the message was counted where it was read
+                for action in outcome.actions:
+                    metrics.observe_action(action, _record_time(event))
+                if outcome.error is not None:
+                    metrics.observe_event(detector, outcome, None)
+            else:
+                metrics.observe_event(detector, outcome, _record_time(event))
+        self.records_consumed += len(events)  # scored, routed or dead-lettered
+        if self.live_since is None:
+            self._note_history()
+        _current_event.set(None)
+        self.save_models(changed_before=time.monotonic() - self.model_save_s)
+
+    def _note_history(self) -> None:
+        detector, settings = self.detector, self.settings
+        metrics.HISTORY_LEARNED.set(detector.history_learned)
+        if detector.watermark is not None and detector.watermark > settings.policy.learn_only_until:
+            self.live_since = time.time()
+            metrics.LIVE.set(1)
+            log.warning("learned %d event(s) of history (up to event time %.0f); live from now on",
+                        detector.history_learned, settings.policy.learn_only_until)
+
+    def _partition_of(self, address: str) -> int:
+        home = self._home.get(address)
+        if home is None:
+            if len(self._home) > 100_000:
+                self._home.clear()
+            home = self._home[address] = (murmur2(address.encode()) & 0x7FFFFFFF) % self.settings.partitions
+        return home
+
+    def score_here(self, raw: bytes, key: Any, partition: int):
+        """Score a record of mail.events here, or name the lists whose shares must be routed.
+
+        A list is owned by partition ``murmur2(list) % partitions`` of the by-list topic (Java's and
+        Faust's partitioner). A post to one list, keyed by that list and on that partition (``replay``,
+        ``ingest``, any Java-partitioned producer keying by list), is scored where it is: no extra hop.
+        Every other list post (keyed by sender, unkeyed, another partitioner, a message to several
+        lists) goes to the by-list topic, one share per list, so that all of a list's posts reach the
+        one worker that owns it in one partition, in the order this worker read them (oldest first,
+        :mod:`stream_jobs.worker.event_order`). Mail to no list is scored where it is read.
+        """
+        if self.settings.partitions == 1:
+            return process_raw(self.detector, raw), ()
+        try:
+            event = parse_event(raw)
+        except InvalidEvent as exc:
+            return Outcome([], str(exc) or exc.__class__.__name__), ()
+        lists = event.lists
+        if not lists:
+            return self.process_raw_event(event), ()
+        if len(lists) == 1:
+            (address,) = lists
+            if key == address.encode() and self._partition_of(address) == partition:
+                return self.process_raw_event(event), ()
+        away = tuple(sorted(lists))
+        for address in away:
+            self._partition_of(address)
+        return Outcome([], None, event), away
+
+    def process_raw_event(self, event, lists=None) -> Outcome:
+        try:
+            return Outcome(self.detector.process(event, lists), None, event)
+        except InvalidEvent as exc:
+            return Outcome([], str(exc) or exc.__class__.__name__)
+
+    def agent_died(self, agent: str, exc: BaseException) -> None:
+        """An agent that stops scoring must not look healthy: /healthz turns 503 now, and the process exits
+        non-zero in a moment, so that systemd, Kubernetes or Compose restart it (from the committed offsets)."""
+        if isinstance(exc, asyncio.CancelledError):
+            return
+        self.dead[agent] = f"{exc.__class__.__name__}: {exc}"
+        log.critical("agent %s died (%r); /healthz answers 503 and the worker exits in %.0f s",
+                     agent, exc, EXIT_AFTER_DEATH_S)
+        metrics.AGENT_DEATHS.labels(agent=agent).inc()
+
+        def _exit() -> None:
+            logging.shutdown()
+            os._exit(70)  # EX_SOFTWARE; Faust would otherwise restart the agent on a stream that has moved on
+
+        asyncio.get_running_loop().call_later(EXIT_AFTER_DEATH_S, _exit)
+
+    async def apply_command(self, command) -> None:
+        """One operator's freeze or unfreeze from the admin API."""
+        cmd: dict = {}
+        try:
+            decoded = msgspec.json.decode(command)
+            if not isinstance(decoded, dict):
+                raise TypeError("a command is a JSON object")
+            cmd = decoded
+            action = self.detector.operator_action(cmd["kind"], cmd["list"], float(cmd["at"]), str(cmd["actor"]),
+                                                   str(cmd["reason"]))
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+            # Only the admin API writes here; anything else is refused, loudly, and skipped.
+            log.warning("refused an operator command: %s", exc)
+            action, error = None, str(exc)
+        else:
+            error = None
+            if action is not None:
+                await self.publish(action)
+                metrics.observe_action(action)
+        future = self.pending_commands.pop(cmd.get("id"), None)
+        if future is not None and not future.done():
+            future.set_result((action, error))
+
+    async def freeze_heap(self) -> None:
+        """Keep Python's full collections short: they scan only what was allocated since the last freeze.
+
+        The detector's state (a model per sender and per list) is long-lived and has no reference
+        cycles: it is freed by reference counting when evicted, frozen or not. What a freeze can
+        strand is other cyclic garbage alive at that instant, so once an hour everything is
+        unfrozen and collected.
+        """
+        self._gc_freezes += 1
+        if self._gc_freezes % self.gc_reclaim_every == 0:
+            gc.unfreeze()
+            gc.collect()
+        gc.freeze()
+
+    # -- effects ----------------------------------------------------------------------------
+    async def publish(self, action: Action) -> None:
+        key = (action.list or action.sender or "").encode()
+        if not self.settings.enforce and action.actor == "stormguard":
+            action = shadow(action)
+        if action.enforced and action.kind in ("freeze", "unfreeze") and action.list:
+            status = self.detector.list_status(action.list)
+            self.list_state[action.list] = msgspec.structs.asdict(status)
+            await self.list_state_topic.send(key=key, value=self._status_encoder.encode(status))
+        await self.actions_topic.send(key=key, value=encode_action(action))
+
+    async def dead_letter(self, event, reason: str) -> None:
+        """Keep the raw bytes and say why: an operator can fix and replay them.
+
+        A dead letter that cannot be written is counted and logged; it never stops scoring.
+        """
+        msg = event.message
+        raw = event.value if isinstance(event.value, bytes) else b""
+        source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+                  "timestamp": _record_time(event)}
+        value = dead_letter_envelope(raw, reason, source, self.settings.dlq_max_bytes)
+        log.warning("dead-lettered %s/%s@%s: %s", msg.topic, msg.partition, msg.offset, reason)
+        try:
+            await self.dlq_topic.send(
+                key=event.key if isinstance(event.key, bytes) and len(event.key) < 4096 else None,
+                value=value, headers=[("stormguard-reason", reason.encode()[:1024])],
+                callback=self._dead_letter_sent)
+        except Exception as exc:
+            self.dead_letter_failures += 1
+            metrics.DEAD_LETTER_FAILURES.inc()
+            log.error("could not write the dead letter of %s/%s@%s (%r); the record is skipped",
+                      msg.topic, msg.partition, msg.offset, exc)
+
+    def _dead_letter_sent(self, fut) -> None:
+        try:
+            exc = fut.exception() if hasattr(fut, "exception") else None
+        except Exception as error:  # cancelled
+            exc = error
+        if exc is not None:
+            self.dead_letter_failures += 1
+            metrics.DEAD_LETTER_FAILURES.inc()
+            log.error("the broker refused a dead letter: %r", exc)
+
+    def save_models(self, changed_before: Optional[float] = None) -> None:
+        """Write changed list models, oldest change first, each partitioned by the last record that changed it.
+
+        With ``changed_before`` (a monotonic time), only the lists whose first unsaved change is
+        older; without, all of them.
+        """
+        unsaved, detector = self.unsaved, self.detector
+        if not unsaved:
+            return
+        previous = _current_event.get(None)
+        last_saved = None  # held here: the table write below needs its record alive (a weak reference)
+        try:
+            while unsaved:
+                address, (event, since) = next(iter(unsaved.items()))
+                if changed_before is not None and since > changed_before:
+                    break
+                state = detector.lists.get(address)
+                _current_event.set(weakref.ref(event))
+                if state is not None:
+                    self.list_models[address] = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+                del unsaved[address]
+                last_saved = event
+            if last_saved is not None:
+                _current_event.set(weakref.ref(last_saved))
+                self.list_models[_META_KEY] = msgspec.json.encode({"events_seen": detector.events_seen,
+                                                                   "watermark": detector.watermark,
+                                                                   "largest_list": detector.largest_list})
+        finally:
+            _current_event.set(previous)
+
+    def save_models_or_warn(self, when: str, changed_before: Optional[float] = None) -> None:
+        """:meth:`save_models`, where a failure must not stop the caller: what is not saved stays in
+        ``unsaved`` for the next batch, tick or commit (on the way out, the producer may be gone)."""
+        try:
+            self.save_models(changed_before)
+        except Exception as exc:
+            log.warning("could not save %d list model(s) %s: %r", len(self.unsaved), when, exc)
+
+    def restore_state(self) -> None:
+        """Adopt lists from the changelog tables that this worker's detector does not know yet."""
+        detector = self.detector
+        adopted = 0
+        for address, blob in list(self.list_models.items()):
+            if not blob:
+                continue
+            if address == _META_KEY:
+                meta = msgspec.json.decode(blob)
+                detector.events_seen = max(detector.events_seen, meta["events_seen"])
+                detector.largest_list = max(detector.largest_list, meta.get("largest_list", 0))
+                if meta["watermark"] is not None and (detector.watermark is None
+                                                      or meta["watermark"] > detector.watermark):
+                    detector.watermark = meta["watermark"]
+            elif address not in detector.lists:
+                try:
+                    state = detector.lists[address] = pickle.loads(blob)
+                    adopted += 1
+                    if state.frozen:
+                        detector.restore(state.status())
+                except Exception as exc:  # a model from an incompatible version: re-learn it
+                    log.warning("could not restore the model of %s (%s); it will be re-learned", address, exc)
+        frozen = 0
+        for address, value in list(self.list_state.items()):
+            if value and value.get("frozen") and not detector.list_status(address).frozen:
+                detector.restore(msgspec.convert(value, ListStatus))
+                frozen += 1
+        if adopted or frozen:
+            log.warning("restored %d list model(s) and %d freeze(s) from the changelogs", adopted, frozen)
+
+    # -- what the web views show ---------------------------------------------------------------
+    def status_of(self, address: str) -> ListStatus:
+        status = self.enforced(self.detector.list_status(address))
+        if not status.frozen:
+            stored = self.list_state.get(address)
+            if stored and stored.get("frozen"):
+                return msgspec.convert(stored, ListStatus)
+        return status
+
+    def enforced(self, status: ListStatus) -> ListStatus:
+        """What gateways and operators are told: in shadow mode, Stormguard's own freezes are not freezes."""
+        if status.frozen and not self.settings.enforce and status.actor == "stormguard":
+            return ListStatus(list=status.list, frozen=False)
+        return status
+
+
+def _declare(worker: StormguardWorker) -> None:
+    """The app's agents, timers, sensor, signal handlers and web views, each a few lines around ``worker``."""
+    app, settings, detector = worker.app, worker.settings, worker.detector
+
+    # -- agents -------------------------------------------------------------------------------
+    @app.agent(worker.events_topic, name=f"{_NAME}.score")
+    async def score(stream):
+        """Score every submitted message; publish what the detectors decide (:meth:`StormguardWorker.score_batch`)."""
+        worker.restore_state()
+        try:
+            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+                await worker.score_batch(events)
+        except Exception as exc:
+            worker.agent_died("score", exc)
+            raise
+        finally:
+            worker.save_models_or_warn("on the way out")  # stopping or restarting: what was learned is kept
+
+    @app.agent(worker.commands_topic, name=f"{_NAME}.operate")
+    async def operate(stream):
+        """Apply operators' freezes and unfreezes from the admin API, in stream order."""
+        try:
+            async for command in stream:
+                await worker.apply_command(command)
+        except Exception as exc:
+            worker.agent_died("operate", exc)
+            raise
+
+    # -- timers, sensor, rebalances ---------------------------------------------------------------
+    @app.timer(max(worker.model_save_s / 2, 0.05), name=f"{_NAME}.save_idle_models")
+    async def save_idle_models() -> None:
+        """Traffic stopped: save what the last batches taught, without waiting for the next record."""
+        if worker.unsaved:
+            worker.save_models_or_warn("on the timer", changed_before=time.monotonic() - worker.model_save_s)
+
+    app.sensors.add(_SaveModelsBeforeCommit(worker))
+
+    @app.on_partitions_revoked.connect
+    async def _on_revoked(sender: Any = None, *args: Any, **kwargs: Any) -> None:
+        # The next owner of these partitions adopts the models from the changelog.
+        worker.save_models()
+
+    if settings.gc_freeze_s:
+        app.timer(settings.gc_freeze_s, name=f"{_NAME}._freeze_heap")(worker.freeze_heap)
+
+    @app.timer(1.0, name=f"{_NAME}.observe_consumer")
+    async def observe_consumer() -> None:
+        metrics.observe_consumer(app)
+
+    @app.on_rebalance_complete.connect
+    async def _on_ready(sender: Any = None, **kwargs: Any) -> None:
+        # Partitions a dead worker held are ours now: adopt the lists it knew.
+        worker.restore_state()
+        if settings.gc_freeze_s:
+            gc.collect()  # once, at start-up: what imports and restoring left behind
+            gc.freeze()
+        worker.ready.set()
+
+    # -- web ----------------------------------------------------------------------------------
+    @app.page("/healthz")
+    async def healthz(web, request):
+        if worker.dead:
+            return web.json({"status": "dead", "dead_agents": dict(worker.dead)}, status=503)
+        if not worker.ready.is_set():
+            return web.json({"status": "starting"}, status=503)
+        scheduler = getattr(app.consumer, "scheduler", None)
+        return web.json({"status": "ok", "records": worker.records_consumed, "events_seen": detector.events_seen,
+                         "frozen_lists": len(detector.frozen_lists()), "partitions": settings.partitions,
+                         "history": {"learn_only_until": settings.policy.learn_only_until or None,
+                                     "events_learned": detector.history_learned,
+                                     "live": worker.live_since is not None, "live_since": worker.live_since},
+                         "dead_letter_failures": worker.dead_letter_failures,
+                         "held_for_order": getattr(scheduler, "held", 0),
+                         "released_out_of_order": getattr(scheduler, "released_early", 0)})
+
+    @app.page("/metrics")
+    async def prometheus_metrics(web, request):
+        return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/api/lists")
+    async def frozen_lists(web, request):
+        frozen = detector.frozen_lists()
+        body = {"frozen": [_status_json(s) for s in frozen if worker.enforced(s).frozen]}
+        if not settings.enforce:
+            body["would_freeze"] = [_status_json(s) for s in frozen if not worker.enforced(s).frozen]
+        return web.json(body)
+
+    @app.page("/api/lists/{address}")
+    async def list_view(web, request, address: str):
+        return web.json(_status_json(worker.status_of(address)))
+
+    @app.page("/api/lists/{address}/{verb}")
+    class ListCommand(faust.web.View):
+        """POST /api/lists/{address}/freeze|unfreeze: operators act, as themselves, with a reason."""
+
+        async def post(self, request, address: str, verb: str):
+            token = secret("STORMGUARD_ADMIN_TOKEN")
+            if not token:
+                return self.json({"error": "admin API disabled: set STORMGUARD_ADMIN_TOKEN"}, status=403)
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return self.json({"error": "missing or wrong bearer token"}, status=401)
+            if verb not in ("freeze", "unfreeze"):
+                return self.json({"error": f"unknown action {verb!r}: use freeze or unfreeze"}, status=404)
+            try:
+                body = await request.json() if request.can_read_body else {}
+            except ValueError:
+                return self.json({"error": "body is not JSON"}, status=400)
+            if not isinstance(body, dict):
+                return self.json({"error": "body must be a JSON object"}, status=400)
+            actor = str(body.get("actor") or "operator")[:200]
+            reason = str(body.get("reason") or f"{verb} by {actor}")[:1000]
+            command = {"id": uuid.uuid4().hex, "kind": verb, "list": address, "actor": actor, "reason": reason,
+                       "at": time.time()}
+            future = asyncio.get_running_loop().create_future()
+            worker.pending_commands[command["id"]] = future
+            await worker.commands_topic.send(key=address.encode(), value=msgspec.json.encode(command))
+            try:
+                action, error = await asyncio.wait_for(future, timeout=10.0)
+            except asyncio.TimeoutError:
+                worker.pending_commands.pop(command["id"], None)
+                return self.json({"error": "accepted, but not applied within 10 s; check /api/lists"}, status=202)
+            if error:
+                return self.json({"error": error}, status=400)
+            return self.json({"applied": action is not None, "status": _status_json(worker.status_of(address))})
+
+
+class _SaveModelsBeforeCommit(Sensor):
+    """Write every changed list model when an offset commit starts.
+
+    Faust calls this at the start of each commit, and flushes its producer
+    before it commits the offsets, so the changelog holds everything learned
+    from the records whose offsets are committed: a worker that dies loses no
+    learning, and the one that takes its partitions over re-reads only records
+    it has not learned from (the detector ignores redelivered list posts).
+    """
+
+    def __init__(self, worker: StormguardWorker, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.worker = worker
+
+    def on_commit_initiated(self, consumer: Any) -> None:
+        if self.worker.unsaved:
+            self.worker.save_models_or_warn("before a commit")
+
+
+def dead_letter_envelope(raw: bytes, reason: str, source: dict, max_bytes: int) -> bytes:
+    """The dead-letter record: the raw bytes and why, always small enough for the broker to take.
+
+    A record too big to copy whole keeps a prefix (``raw_truncated``), with the original's length and
+    SHA-256, so an operator can still find and identify it upstream.
+
+    >>> env = msgspec.json.decode(dead_letter_envelope(b"x" * 10_000, "too big", {}, 4096))
+    >>> env["raw_truncated"], env["raw_length"], len(base64.b64decode(env["raw_base64"])) < 4096
+    (True, 10000, True)
+    """
+    envelope = {"reason": reason[:2000], "raw_base64": "", "raw_length": len(raw),
+                "raw_sha256": hashlib.sha256(raw).hexdigest(), "raw_truncated": False, "source": source}
+    room = max_bytes - len(msgspec.json.encode(envelope)) - 16
+    keep = len(raw) if 4 * -(-len(raw) // 3) <= room else max(0, room // 4 * 3)
+    envelope["raw_base64"] = base64.b64encode(raw[:keep]).decode()
+    envelope["raw_truncated"] = keep < len(raw)
+    return msgspec.json.encode(envelope)
+
+
+def _record_time(event) -> Optional[float]:
+    ts = getattr(event.message, "timestamp", None)  # Faust gives epoch seconds
+    return float(ts) if ts else None
+
+
+def _status_json(status: ListStatus) -> dict:
+    return {"list": status.list, "frozen": status.frozen, "since": status.since, "reason": status.reason,
+            "until": status.until, "actor": status.actor}

@@ -1,0 +1,264 @@
+"""Faust settings and transport changes that faust-streaming 0.15 does not expose, in one place.
+
+Two changes, both measured by ``make bench`` (docs/performance.md):
+
+* the consumer's fetch long-poll, which Faust hard-codes to 1.5 s, is capped
+  (:func:`shorten_fetch_long_poll`);
+* :class:`BatchDrainConsumer` hands each fetched batch to the streams in one
+  task instead of four tasks per record. Stock Faust wraps every record's
+  delivery in ``Service.wait_first`` (a task for the delivery and one each for
+  the flow, stop and crash events); on these machines that is about a third of
+  a no-op agent's CPU. Records, their order, offsets, gap tracking and commits
+  are handled exactly as Faust's own loop does; a rebalance still abandons the
+  rest of a fetched batch, as Faust's does, and the partitions are re-read from
+  their committed offsets.
+
+:class:`StormguardApp` is ``faust.App`` with that consumer on ``kafka://`` and
+``aiokafka://`` brokers (``fast_drain=False`` gives stock Faust back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, cast
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as _faust_aiokafka
+from mode import Service
+
+_original = _faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+_fetch_max_wait_ms: int | None = None
+
+
+def _create_worker_consumer(self, transport):
+    consumer = _original(self, transport)
+    if _fetch_max_wait_ms is not None:
+        consumer._fetch_max_wait_ms = _fetch_max_wait_ms
+    # Faust reads uncommitted records unless it runs exactly-once itself; a gateway's aborted
+    # transaction is one it will send again, and scoring it twice would count its reply-alls twice.
+    consumer._isolation_level = "read_committed"
+    return consumer
+
+
+def shorten_fetch_long_poll(fetch_max_wait_ms: int) -> None:
+    """Cap the consumer's fetch long-poll (Faust hard-codes 1.5 s).
+
+    A broker that does not answer a long poll early when data arrives (Tansu)
+    would otherwise delay every freeze by up to that; a short long-poll costs a
+    few idle fetches a second.
+    """
+    global _fetch_max_wait_ms
+    _fetch_max_wait_ms = fetch_max_wait_ms
+    _faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
+
+
+def true_end_offsets(servers: list[str], security: dict, ends: dict) -> dict:
+    """``ends`` (partition -> end offset as the broker reports it), each raised to one past the last
+    record that a fetch from the reported end's last record returns.
+
+    The embedded broker (Tansu 0.6) reports a partition's end as the base offset of its last batch
+    plus one: when that batch holds several records, the others lie past the "end". Faust recovers a
+    table's changelog up to the end, so a restarted worker lost the tail of every changelog partition
+    whose last write was batched (its newest list models). On Apache Kafka the fetch returns that
+    very last record and nothing changes; a partition that ends in a transaction marker (which a
+    fetch does not return) keeps the reported end.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    todo = {TopicPartition(tp.topic, tp.partition): (tp, end) for tp, end in ends.items() if end}
+    if not todo:
+        return dict(ends)
+    out = dict(ends)
+    consumer = KafkaConsumer(bootstrap_servers=servers, group_id=None, enable_auto_commit=False,
+                             isolation_level="read_committed", **security)
+    try:
+        consumer.assign(list(todo))
+        for ktp, (_, end) in todo.items():
+            consumer.seek(ktp, end - 1)
+        pending, deadline = set(todo), time.monotonic() + 5.0
+        while pending and time.monotonic() < deadline:
+            for ktp, records in consumer.poll(timeout_ms=200).items():
+                tp, end = todo[ktp]
+                out[tp] = max(out[tp], records[-1].offset + 1)
+                pending.discard(ktp)
+            for ktp in list(pending):
+                if consumer.position(ktp) >= todo[ktp][1]:  # read past it: nothing more there
+                    pending.discard(ktp)
+    finally:
+        consumer.close()
+    return out
+
+
+class TrueEndConsumer(_faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer, with end offsets a table's recovery can trust (:func:`true_end_offsets`)."""
+
+    async def highwaters(self, *partitions):  # pragma: no cover - runs in the worker
+        ends = dict(await super().highwaters(*partitions))
+        from stream_jobs.kafka.replay import kafka_security
+
+        servers = [f"{u.host}:{u.port or 9092}" for u in self.app.conf.broker]
+        try:
+            return await asyncio.to_thread(true_end_offsets, servers, kafka_security(), ends)
+        except Exception as exc:  # the broker's own answer is still an answer
+            self.log.warning("could not check the end offsets the broker reported (%r)", exc)
+            return ends
+
+
+class TrueEndTransport(_faust_aiokafka.Transport):
+    Consumer = TrueEndConsumer
+
+
+class BatchDrainConsumer(TrueEndConsumer):
+    """Faust's aiokafka consumer, delivering each fetched batch in one task.
+
+    Mirrors ``faust.transport.consumer.Consumer._drain_messages`` (0.15.x)
+    line for line, except that the per-record ``wait_first`` is hoisted around
+    the whole batch.
+    """
+
+    #: Records delivered between two yields to the event loop (Faust's own figure).
+    yield_every = 100
+
+    async def _drain_messages(self, fetcher: Service) -> None:  # pragma: no cover - runs in the worker
+        getmany = self.getmany
+        consumer_should_stop = cast(Service, self)._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                ait = cast(AsyncIterator, getmany(timeout=1.0))
+                # Sleeping because sometimes getmany is called in a loop never releasing to the event loop.
+                await self.sleep(0)
+                if not self.should_stop:
+                    await self.wait_first(self._deliver(ait), self.suspend_flow.wait())
+                unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
+
+    async def _deliver(self, ait: AsyncIterator) -> None:
+        callback = self.callback
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        yield_every = self.yield_every
+        since_yield = 0
+        sleep = asyncio.sleep
+        async for tp, message in ait:
+            since_yield += 1
+            if since_yield > yield_every:
+                await sleep(0)
+                since_yield = 0
+            offset = message.offset
+            r_offset = get_read_offset(tp)
+            if r_offset is None or offset >= r_offset:
+                gap = offset - (r_offset or 0)
+                if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                    await self._add_gap(tp, r_offset + 1, offset)
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                await callback(message)
+                set_read_offset(tp, offset)
+            else:
+                self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
+
+
+class BatchDrainTransport(_faust_aiokafka.Transport):
+    Consumer = BatchDrainConsumer
+
+
+def _cheap_ebb_check(buffer) -> None:
+    """Faust waits for the producer buffer to ebb before each record; ask its queue length directly.
+
+    ``ProducerBuffer.wait_until_ebb`` computes ``size`` through ``app.conf`` (a registry lookup)
+    for every record; this answers the common case, a buffer below ``max_messages``, from the
+    queue itself and leaves the rest to Faust's own method.
+    """
+    full_wait = buffer.wait_until_ebb
+    pending = buffer.pending
+    limit = buffer.max_messages
+
+    async def wait_until_ebb() -> None:
+        if pending.qsize() > limit:
+            await full_wait()
+
+    buffer.wait_until_ebb = wait_until_ebb
+
+
+class StormguardApp(faust.App):
+    """``faust.App`` whose Kafka consumer delivers fetched batches in one task (see the module doc).
+
+    With ``fast_drain`` it also checks the producer buffer, which Faust does
+    before every record, without reading two settings through Faust's settings
+    registry each time (:func:`_cheap_ebb_check`).
+    """
+
+    def __init__(self, *args: Any, fast_drain: bool = True, **kwargs: Any) -> None:
+        self.fast_drain = fast_drain
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings, **options: Any) -> "StormguardApp":
+        """The app as the worker runs it, from :class:`stream_jobs.settings.WorkerSettings`
+        (the bench's no-op agent is built the same way, so like is compared with like)."""
+        shorten_fetch_long_poll(settings.fetch_max_wait_ms)
+        return cls(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options(), **options)
+
+    def _new_producer(self):
+        producer = super()._new_producer()
+        if self.fast_drain and not self.conf.producer_threaded:
+            _cheap_ebb_check(producer.buffer)
+        return producer
+
+    def _new_transport(self):
+        url = self.conf.broker_consumer[0]
+        if self.fast_drain and url.scheme in ("kafka", "aiokafka"):
+            return BatchDrainTransport(self.conf.broker_consumer, self)
+        if url.scheme in ("kafka", "aiokafka"):
+            return TrueEndTransport(self.conf.broker_consumer, self)
+        return super()._new_transport()
+
+
+class RawSchema(faust.Schema):
+    """Records exactly as on the wire: bytes key, bytes value, headers; nothing decoded.
+
+    The detectors decode the value themselves (msgspec, :func:`detectors.events.parse_event`),
+    so Faust's serializer registry, which for ``raw`` only copies the bytes, is skipped on the
+    hot path. Encoding (``send``) is unchanged: ``raw`` both ways.
+
+    >>> RawSchema().key_serializer, RawSchema().value_serializer
+    ('raw', 'raw')
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("key_type", bytes)
+        kwargs.setdefault("value_type", bytes)
+        kwargs.setdefault("key_serializer", "raw")
+        kwargs.setdefault("value_serializer", "raw")
+        super().__init__(**kwargs)
+
+    def compile(self, app, *, on_key_decode_error=None, on_value_decode_error=None, default_propagate=False):
+        event_class = app.conf.Event  # what app.create_event looks up in the settings for every record
+
+        async def decode(message, *, propagate: bool = default_propagate):
+            return event_class(app, message.key, message.value, message.headers, message)
+
+        return decode
