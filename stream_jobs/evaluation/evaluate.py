@@ -338,7 +338,7 @@ def _evaluate(args) -> int:
 
 
 def _evaluate_seeds(args, names: list[str], config: PolicyConfig) -> int:
-    from stream_jobs.report import seeds_markdown
+    from stream_jobs.evaluation.report import seeds_markdown
 
     if args.live:
         print("stormguard evaluate: --seeds runs offline only", file=sys.stderr)
