@@ -13,7 +13,7 @@ import pytest
 from detectors.policy import Action
 from stream_jobs.settings import SettingsError
 from stream_jobs.actions.sinks import Rejected, SinkError, Skip, sinks_from_env
-from stream_jobs.actions.sinks.alertmanager import WebhookSink, alertmanager_payload, fingerprint
+from stream_jobs.actions.sinks.webhook import WebhookSink, alertmanager_payload, fingerprint
 from stream_jobs.actions.sinks.grafana import GrafanaSink
 from stream_jobs.actions.sinks.http import HttpSink
 from tests.stream_jobs.receivers import FakeGrafana, RecordingServer, WebhookReceiver
