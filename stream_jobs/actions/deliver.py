@@ -299,10 +299,13 @@ class SinkRunner:
         return max(soonest, 0.01)
 
     async def _history(self) -> list[Action]:
-        """Every decodable action in the outbox now, oldest first per partition (no consumer group)."""
+        """Every decodable action this sink already delivered: the outbox up to its group's committed offsets.
+
+        The partitions are assigned by hand, so this reads the group's offsets without joining the group.
+        """
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
                                     client_id=f"stormguard-{self.group}-history", **self.kafka_opts)
         await consumer.start()
         actions: list[Action] = []
@@ -318,7 +321,7 @@ class SinkRunner:
                 return actions
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
+            ends = {tp: (await consumer.committed(tp)) or 0 for tp in tps}
             todo = {tp for tp in tps if ends[tp] > 0}
             while todo and not self.stop.is_set():
                 for tp, records in (await consumer.getmany(*todo, timeout_ms=500)).items():
@@ -336,7 +339,8 @@ class SinkRunner:
         return actions
 
     async def _recover(self) -> None:
-        """Hand the outbox's history to a sink that keeps state (Alertmanager's firing freezes)."""
+        """Hand what this sink delivered before a restart to a sink that keeps state (Alertmanager's firing
+        freezes); what it has not delivered yet it gets in order, as always."""
         attempt = 0
         while not self.stop.is_set():
             try:

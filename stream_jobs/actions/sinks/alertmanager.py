@@ -39,10 +39,11 @@ How long an alert lasts
 After a restart
 ---------------
 The firing alerts are kept in memory. When ``stormguard deliver`` starts, the
-runner reads ``stormguard.actions`` from its beginning to its end before it
-delivers anything and hands every action to :meth:`AlertmanagerSink.recover`:
-a freeze without a later unfreeze is firing (shadow ones too, which
-``stormguard.list-state`` never shows), and is re-posted at once. A freeze
+runner reads ``stormguard.actions`` from its beginning up to this sink's
+committed offsets (what it had delivered) before it delivers anything, and
+hands those actions to :meth:`AlertmanagerSink.recover`: a freeze without a
+later unfreeze is firing (shadow ones too, which ``stormguard.list-state`` never
+shows), and is re-posted at once. The rest is delivered in order, as always. A freeze
 older than the topic's retention is not found that way; its unfreeze then asks
 Alertmanager itself (``GET /api/v2/alerts``) for the list's Stormguard alerts and
 resolves those.
@@ -228,6 +229,10 @@ class AlertmanagerSink(Sink):
                                 f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
         return ctx
 
+    @property
+    def _tls(self):
+        return self._ssl if self._ssl is not None else True
+
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
         import aiohttp
@@ -337,7 +342,7 @@ class AlertmanagerSink(Sink):
 
         for url in self.urls:
             try:
-                async with self._session.get(url + API_PATH, ssl=self._ssl,
+                async with self._session.get(url + API_PATH, ssl=self._tls,
                                              params=[("filter", f) for f in filters] + [("active", "true")]) as resp:
                     if resp.status != 200:
                         continue
@@ -366,7 +371,7 @@ class AlertmanagerSink(Sink):
         raise SinkError(f"no Alertmanager took the alert ({describe(transient[0])})")
 
     async def _post_one(self, url: str, body: bytes) -> None:
-        async with self._session.post(url + API_PATH, data=body, ssl=self._ssl) as resp:
+        async with self._session.post(url + API_PATH, data=body, ssl=self._tls) as resp:
             if 200 <= resp.status < 300:
                 return
             detail = (await resp.text())[:200].strip().replace("\n", " ")
