@@ -500,3 +500,19 @@ receivers:
       - url: {webhook_url}
         send_resolved: true
 """
+
+
+def example_alertmanager_config(webhook_url: str, group_wait: str = "10s") -> str:
+    """deploy/alertmanager/alertmanager.yml as shipped, its storm receiver pointed at ``webhook_url``."""
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy/alertmanager/alertmanager.yml").read_text())
+    for receiver in doc["receivers"]:
+        if receiver["name"] == "mail-on-call":
+            receiver["webhook_configs"] = [{"url": webhook_url, "send_resolved": True}]
+    for route in doc["route"]["routes"]:
+        if route["receiver"] == "mail-on-call":
+            route["group_wait"] = group_wait  # the storm is replayed in seconds; keep the test short
+    return yaml.safe_dump(doc)

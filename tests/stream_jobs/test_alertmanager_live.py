@@ -16,7 +16,7 @@ import pytest
 from detectors.policy import Action, shadow
 from stream_jobs.settings import ACTIONS_TOPIC
 from tests.conftest import http_json, wait_for
-from tests.stream_jobs.receivers import Alertmanager, RecordingServer, alertmanager_config
+from tests.stream_jobs.receivers import Alertmanager, RecordingServer, alertmanager_config, example_alertmanager_config
 from tests.stream_jobs.test_deliver import DeliverProcess, create_topic, produce_actions
 
 pytestmark = pytest.mark.live
@@ -47,13 +47,14 @@ def about(rx: RecordingServer, address: str, status: str, path: str = "/notify")
 
 def test_a_storm_reaches_on_call_as_one_notification_and_the_unfreeze_resolves_it(broker, start_worker,
                                                                                    start_deliver, tmp_path):
-    """mail.events → worker → stormguard.actions → deliver → Alertmanager's route → the on-call's webhook."""
+    """mail.events → worker → stormguard.actions → deliver → the route of deploy/alertmanager/alertmanager.yml →
+    the on-call's webhook."""
     from tests.conftest import produce_lines
     from tests.scenarios import background, lines, nhsmail_storm
 
     address = "all@nhs.example"
     with RecordingServer(status=200) as rx, \
-            Alertmanager(tmp_path, alertmanager_config(rx.url + "/notify", group_wait="10s")) as am:
+            Alertmanager(tmp_path, example_alertmanager_config(rx.url + "/notify")) as am:
         worker = start_worker(broker.url, env={"STORMGUARD_ADMIN_TOKEN": "am-admin-token"})
         deliver = start_deliver(broker.url, {
             "STORMGUARD_ALERTMANAGER_URLS": am.url,
@@ -70,7 +71,7 @@ def test_a_storm_reaches_on_call_as_one_notification_and_the_unfreeze_resolves_i
         firing = about(rx, address, "firing")
         assert len(firing) == 1, deliver.log() + json.dumps([[(a["labels"]["alertname"], a["startsAt"]) for a in n["alerts"]] for n in firing])
         (note,) = firing
-        assert note["receiver"] == "on-call" and note["version"] == "4"
+        assert note["receiver"] == "mail-on-call" and note["version"] == "4"
         names = sorted(a["labels"]["alertname"] for a in note["alerts"])
         # The test message's fan-out warning and the freeze at the first reply-all: one storm, one notification,
         # not one per reply-all (8 reply-alls were sent).
