@@ -52,6 +52,7 @@ resolves those.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import ssl
@@ -241,11 +242,15 @@ class AlertmanagerSink(Sink):
             headers = {"User-Agent": "stormguard-deliver", "Content-Type": "application/json"}
             if self._bearer:
                 headers["Authorization"] = f"Bearer {self._bearer}"
-            auth = aiohttp.BasicAuth(*self._auth) if self._auth else None
+            elif self._auth:
+                token = base64.b64encode(f"{self._auth[0]}:{self._auth[1]}".encode()).decode()
+                headers["Authorization"] = f"Basic {token}"
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                                  headers=headers, auth=auth)
+                                                  headers=headers)
         if self._resender is None:
-            self._resender = asyncio.create_task(self._resend_forever(), name=f"{self.name}:resend")
+            # Recovered freezes are re-posted at once; otherwise the first re-send is one interval away.
+            first = 0.0 if self.firing() else self.resend_interval
+            self._resender = asyncio.create_task(self._resend_forever(first), name=f"{self.name}:resend")
 
     async def close(self) -> None:
         if self._resender is not None:
@@ -389,9 +394,10 @@ class AlertmanagerSink(Sink):
         self.resends += 1
         return len(alerts)
 
-    async def _resend_forever(self) -> None:
+    async def _resend_forever(self, first: float) -> None:
         from stream_jobs import metrics
 
+        await asyncio.sleep(first)
         while True:
             try:
                 await self.resend()
