@@ -35,7 +35,11 @@ Guarantees
 Metrics on ``--web-port`` (``GET /metrics``; ``GET /healthz`` is 200 once every
 sink's consumer has joined its group): ``stormguard_outbox_backlog`` (actions
 not yet delivered, summed over sinks), ``stormguard_delivery_failures_total{sink}``
-(failed attempts, by sink kind), ``stormguard_actions_delivered_total{sink,outcome}``.
+(failed attempts, by sink kind), ``stormguard_actions_delivered_total{sink,outcome}``, ``stormguard_ready``.
+
+A sink that keeps state (:attr:`~stream_jobs.actions.sinks.base.Sink.recovers`: Alertmanager's firing
+freezes) is first handed what it had delivered before a restart: the outbox up to its group's committed
+offsets (:meth:`SinkRunner._history`).
 """
 
 from __future__ import annotations

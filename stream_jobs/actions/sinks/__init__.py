@@ -2,7 +2,8 @@
 
 A sink turns one :class:`~detectors.policy.Action` into one effect on one
 receiver: :mod:`~stream_jobs.actions.sinks.alertmanager` (an alert in Prometheus Alertmanager),
-:mod:`~stream_jobs.actions.sinks.webhook` (a signed Alertmanager-style webhook), :mod:`~stream_jobs.actions.sinks.grafana` (an annotation), :mod:`~stream_jobs.actions.sinks.mailman`
+:mod:`~stream_jobs.actions.sinks.webhook` (a signed Alertmanager-style webhook),
+:mod:`~stream_jobs.actions.sinks.grafana` (an annotation), :mod:`~stream_jobs.actions.sinks.mailman`
 (a list's emergency moderation), :mod:`~stream_jobs.actions.sinks.http` (any HTTP endpoint).
 What a sink is, and the contract of :meth:`Sink.deliver`, are in :mod:`~stream_jobs.actions.sinks.base`;
 :func:`sinks_from_env` makes the sinks the environment configures.

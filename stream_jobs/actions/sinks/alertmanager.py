@@ -58,7 +58,7 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional
 from urllib.parse import quote
 
@@ -158,7 +158,6 @@ class Firing:
     generator_url: str = ""
     #: Wall-clock end of a warning (posted once); None for a freeze (re-sent until its unfreeze).
     until: Optional[float] = None
-    extra: dict = field(default_factory=dict)
 
     def body(self, ends_at: float) -> dict:
         alert = {"labels": self.labels, "annotations": self.annotations, "startsAt": rfc3339(self.starts_at),
