@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,43 @@ def test_every_metric_the_rules_use_is_exported():
     for rule in alerts().values():
         used |= set(re.findall(r"\b(stormguard_[a-z_]+)", rule["expr"]))
     assert used and used <= exported, used - exported
+
+
+@pytest.mark.live
+def test_prometheus_evaluates_the_rules_on_a_real_worker_and_alerts_alertmanager(tmp_path):
+    """Debian's Prometheus loads rules.yml, scrapes a real worker and a dead port, and sends
+    StormguardDown to Debian's Alertmanager; the healthy worker raises nothing."""
+    from stream_jobs.kafka.broker import EmbeddedBroker, free_port
+    from stream_jobs.observability.localstack import Prometheus, Worker
+    from tests.stream_jobs.receivers import Alertmanager, RecordingServer, alertmanager_config
+
+    # The shipped rules, with StormguardDown's `for:` cut to nothing so that it fires within seconds.
+    doc = yaml.safe_load(RULES.read_text())
+    for rule in doc["groups"][0]["rules"]:
+        if rule["alert"] == "StormguardDown":
+            rule["for"] = "0s"
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(doc))
+    dead = f"127.0.0.1:{free_port()}"
+    with EmbeddedBroker(port=free_port()) as broker, RecordingServer(status=200) as rx, \
+            Alertmanager(tmp_path, alertmanager_config(rx.url + "/notify", group_wait="1s")) as am:
+        worker = Worker(broker.url, tmp_path).start()
+        try:
+            with Prometheus([worker.target, dead], workdir=tmp_path / "prom", rule_files=[str(rules)],
+                            alertmanagers=[am.url.split("//", 1)[1]]) as prom:
+                prom.wait_for(f'up{{instance="{worker.target}"}} == 1', 30)
+                assert prom.wait_for(f'stormguard_ready{{instance="{worker.target}"}} == 1', 30)
+                firing = prom.wait_for('ALERTS{alertstate="firing"}', 60)
+                assert [(a["metric"]["alertname"], a["metric"]["instance"]) for a in firing] == \
+                    [("StormguardDown", dead)]
+                # Every rule was evaluated without error on the real series.
+                groups = prom.api("rules")["data"]["groups"]
+                assert {r["health"] for g in groups for r in g["rules"]} == {"ok"}, groups
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not am.alerts(alertname="StormguardDown"):
+                    time.sleep(0.5)
+                (alert,) = am.alerts(alertname="StormguardDown")
+                assert alert["labels"]["instance"] == dead and alert["labels"]["severity"] == "critical"
+                assert alert["annotations"]["summary"] == f"Stormguard process {dead} is down"
+        finally:
+            worker.stop()
