@@ -61,10 +61,15 @@ def test_a_storm_reaches_on_call_as_one_notification_and_the_unfreeze_resolves_i
             "STORMGUARD_ALERTMANAGER_RUNBOOK_URL": "https://wiki.nhs.example/runbooks/reply-all-storm?list={list}",
             "STORMGUARD_EXTERNAL_URL": "https://grafana.nhs.example/d/stormguard-list?var-list={list}",
             "STORMGUARD_APP_ID": "stormguard"})
+        # The storm now, in real time: the test message, then seconds later the reply-alls (Alertmanager
+        # notifies at once a new group whose first alert started more than group_wait ago).
         now = time.time()
-        # The storm now: Alertmanager flushes at once a new group whose alert started over group_wait ago.
-        events = background(start=now - 1800) + nhsmail_storm(now - 1, lst=address)
-        produce_lines(broker.bootstrap, lines(events))
+        root, *replies = nhsmail_storm(now, lst=address)
+        produce_lines(broker.bootstrap, lines(background(start=now - 1800) + [root]))
+        time.sleep(3)
+        for j, reply in enumerate(replies):
+            reply["timestamp"] = time.time() + 0.2 * j
+        produce_lines(broker.bootstrap, lines(replies))
 
         firing = wait_for(lambda: about(rx, address, "firing"), 90, "a firing notification", 0.3)
         time.sleep(5)  # more than group_interval: a second notification for this storm would be here by now
