@@ -4,8 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
-# Debian packages the test suite runs for real (Prometheus, Postfix).
-APT_PACKAGES := prometheus postfix
+# Debian packages the test suite runs for real (Prometheus, Alertmanager, Postfix; openssl makes test certificates).
+APT_PACKAGES := prometheus prometheus-alertmanager postfix openssl
 
 .PHONY: install demo test test-fast bench clean apt
 

@@ -75,6 +75,8 @@ from detectors.policy import Action, PolicyConfig
 
 #: Threads remembered per list (the newest win).
 MAX_THREADS_PER_LIST = 64
+#: In the reason of an ``alert`` that stands for a freeze the hourly cap refused (metrics and sinks look for it).
+FREEZE_CAP_MARK = "(max_freezes_per_hour)"
 #: Message-ids remembered per list, to follow In-Reply-To chains to their root.
 MAX_MESSAGES_PER_LIST = 256
 #: Distinct posters remembered per list.
@@ -501,7 +503,7 @@ class StormDetector:
         if len(self._freeze_times) >= cfg.max_freezes_per_hour:
             yield self._action("alert", state.address, event, detector, score,
                                f"{reason}; not frozen: {cfg.max_freezes_per_hour} freezes in the last hour "
-                               "(max_freezes_per_hour), an operator must confirm")
+                               f"{FREEZE_CAP_MARK}, an operator must confirm")
             return
         self._freeze_times.append(t)
         state.frozen_since, state.frozen_reason, state.frozen_actor = t, reason, "stormguard"

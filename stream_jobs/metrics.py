@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from detectors.engine import FREEZE_CAP_MARK
 from stream_jobs.settings import EVENTS_TOPIC
 
 log = logging.getLogger("stormguard.metrics")
@@ -63,7 +64,7 @@ RATE_TAU = 60.0
 #: Folded reasons for ``stormguard_events_invalid_total{reason}``.
 INVALID_REASONS = ("not_json", "schema", "encoding", "oversize", "timestamp", "late", "future", "other")
 #: Sinks of issue 4's delivery (``stormguard_delivery_failures_total{sink}``), pre-created at zero.
-SINKS = ("webhook", "grafana", "mailman")
+SINKS = ("alertmanager", "webhook", "grafana", "mailman")
 #: Known (kind, detector) pairs, pre-created at zero so rates exist before the first storm.
 KNOWN_ACTIONS = (("alert", "fanout"), ("alert", "reply_velocity"), ("alert", "reply_to_anomalous_post"),
                  ("freeze", "reply_to_anomalous_post"), ("freeze", "reply_velocity"),
@@ -157,12 +158,17 @@ HISTORY_LEARNED = Gauge("stormguard_history_events_learned",
 HISTORY_UNTIL = Gauge("stormguard_history_learn_only_until_seconds",
                       "Event time up to which mail.events is history (0: none)", registry=REGISTRY)
 LIVE = Gauge("stormguard_live", "1 once the worker acts on events (history learned), else 0", registry=REGISTRY)
+READY = Gauge("stormguard_ready", "1 while this process's GET /healthz answers 200 (consuming), else 0",
+              registry=REGISTRY)
 AGENT_DEATHS = Counter("stormguard_agent_deaths", "Agents that died (the worker exits right after)", ["agent"],
                        registry=REGISTRY)
 
 # -- decisions ------------------------------------------------------------------------------------
 ACTIONS = Counter("stormguard_actions", "Actions published to stormguard.actions", ["kind", "detector"],
                   registry=REGISTRY)
+FREEZES_CAPPED = Counter("stormguard_freezes_capped",
+                         "Freezes refused because STORMGUARD_MAX_FREEZES_PER_HOUR was reached (published as alerts)",
+                         registry=REGISTRY)
 FROZEN_LISTS = Gauge("stormguard_frozen_lists", "Lists frozen right now (in this worker's partitions)",
                      registry=REGISTRY)
 TRACKED_SENDERS = Gauge("stormguard_tracked_senders", "Senders with a learned baseline", registry=REGISTRY)
@@ -419,6 +425,8 @@ def per_list_snapshot() -> list[tuple[str, dict]]:
 def observe_action(action, produced_at: Optional[float] = None, now: Optional[float] = None) -> None:
     """Count one published action; ``produced_at`` (epoch s) times produce → action."""
     ACTIONS.labels(kind=action.kind, detector=action.detector).inc()
+    if action.kind == "alert" and FREEZE_CAP_MARK in action.reason:
+        FREEZES_CAPPED.inc()
     if produced_at is not None:
         now = time.time() if now is None else now
         SCORING_LATENCY.observe(max(0.0, now - produced_at))

@@ -293,8 +293,8 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
     ("STORMGUARD_ENFORCE", "true", "`false` is shadow mode, for a roll-out: every decision is made and "
      "published on `stormguard.actions` with `\"enforced\": false`, but no list is held: "
      "`stormguard.list-state` and `/api/lists` never show one frozen by Stormguard, Mailman, the HTTP sink "
-     "and the policy server do nothing, webhooks and Grafana say \"would freeze\". Operators' own freezes "
-     "through the admin API are still enforced"),
+     "and the policy server do nothing, Alertmanager, webhooks and Grafana say \"would freeze\". "
+     "Operators' own freezes through the admin API are still enforced"),
     ("STORMGUARD_LEARN_HISTORY", "true", "at a consumer group's first start, the events already in "
      "`mail.events` (up to the newest one then) are history: learned from, never acted on (no freeze, no alert, "
      "no webhook for a storm that ended days ago); the worker goes live after them. The cut-off is recorded on "

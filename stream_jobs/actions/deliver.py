@@ -3,7 +3,7 @@
 The worker only ever *produces* to ``stormguard.actions`` (the outbox), so
 scoring never waits on a receiver. This separate process consumes that topic
 and hands every action to every configured sink (:mod:`stream_jobs.actions.sinks`):
-Alertmanager-v4 webhooks, Grafana annotations, Mailman emergency moderation,
+Prometheus Alertmanager, signed Alertmanager-v4 webhooks, Grafana annotations, Mailman emergency moderation,
 a generic HTTP request.
 
 Guarantees
@@ -35,7 +35,11 @@ Guarantees
 Metrics on ``--web-port`` (``GET /metrics``; ``GET /healthz`` is 200 once every
 sink's consumer has joined its group): ``stormguard_outbox_backlog`` (actions
 not yet delivered, summed over sinks), ``stormguard_delivery_failures_total{sink}``
-(failed attempts, by sink kind), ``stormguard_actions_delivered_total{sink,outcome}``.
+(failed attempts, by sink kind), ``stormguard_actions_delivered_total{sink,outcome}``, ``stormguard_ready``.
+
+A sink that keeps state (:attr:`~stream_jobs.actions.sinks.base.Sink.recovers`: Alertmanager's firing
+freezes) is first handed what it had delivered before a restart: the outbox up to its group's committed
+offsets (:meth:`SinkRunner._history`).
 """
 
 from __future__ import annotations
@@ -298,10 +302,68 @@ class SinkRunner:
                 soonest = min(soonest, due - now)
         return max(soonest, 0.01)
 
+    async def _history(self) -> list[Action]:
+        """Every decodable action this sink already delivered: the outbox up to its group's committed offsets.
+
+        The partitions are assigned by hand, so this reads the group's offsets without joining the group.
+        """
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
+                                    client_id=f"stormguard-{self.group}-history", **self.kafka_opts)
+        await consumer.start()
+        actions: list[Action] = []
+        try:
+            parts = consumer.partitions_for_topic(self.topic)
+            while not parts and not self.stop.is_set():
+                await consumer.force_metadata_update()
+                parts = consumer.partitions_for_topic(self.topic)
+                if not parts:
+                    await self._sleep(0.2)
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts or ())]
+            if not tps:
+                return actions
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = {tp: (await consumer.committed(tp)) or 0 for tp in tps}
+            todo = {tp for tp in tps if ends[tp] > 0}
+            while todo and not self.stop.is_set():
+                for tp, records in (await consumer.getmany(*todo, timeout_ms=500)).items():
+                    for rec in records:
+                        if rec.offset < ends[tp]:
+                            try:
+                                actions.append(decode_action(rec.value))
+                            except Exception:
+                                pass  # dead-lettered when the sink's consumer reaches it
+                for tp in list(todo):
+                    if await consumer.position(tp) >= ends[tp]:
+                        todo.discard(tp)
+        finally:
+            await consumer.stop()
+        return actions
+
+    async def _recover(self) -> None:
+        """Hand what this sink delivered before a restart to a sink that keeps state (Alertmanager's firing
+        freezes); what it has not delivered yet it gets in order, as always."""
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                actions = await self._history()
+            except Exception as exc:
+                attempt += 1
+                log.warning("%s: cannot read %s's history (%s); retrying", self.sink.name, self.topic, describe(exc))
+                await self._sleep(backoff_delay(attempt, 0.5, 10.0, self._rng))
+                continue
+            self.sink.recover(actions)
+            log.info("%s: recovered from %d action(s) in %s", self.sink.name, len(actions), self.topic)
+            return
+
     # -- the loop --------------------------------------------------------------------------------------
     async def run(self) -> None:
         if not await self._wait_for_topic():
             return
+        if self.sink.recovers:
+            await self._recover()
         consumer = None
         attempt = 0
         while not self.stop.is_set():
@@ -426,8 +488,8 @@ class Deliverer:
         from stream_jobs.kafka.replay import bootstrap_servers
 
         if not sinks:
-            raise SettingsError("no sink configured: set STORMGUARD_WEBHOOK_URLS, GRAFANA_URL, "
-                                "STORMGUARD_MAILMAN_URL or STORMGUARD_HTTP_URL (see docs/actions.md)")
+            raise SettingsError("no sink configured: set STORMGUARD_ALERTMANAGER_URLS, STORMGUARD_WEBHOOK_URLS, "
+                                "GRAFANA_URL, STORMGUARD_MAILMAN_URL or STORMGUARD_HTTP_URL (see docs/actions.md)")
         self.sinks, self.settings = sinks, settings
         self.bootstrap = ",".join(bootstrap_servers(settings.broker))
         self.kafka_opts = kafka_options(environ)
@@ -439,6 +501,9 @@ class Deliverer:
                                    on_backlog=self._publish_backlog) for s in sinks]
         self._web = None
         self.crashed = False
+        from stream_jobs import metrics
+
+        metrics.READY.set_function(lambda: 1.0 if self.ready else 0.0)
 
     def _publish_backlog(self) -> None:
         if self._backlog_gauge is not None:
@@ -517,7 +582,7 @@ def run_deliver(broker: Optional[str] = None, web_port: Optional[int] = None) ->
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("deliver", help=f"deliver actions from {ACTIONS_TOPIC} to webhooks, Grafana, Mailman, HTTP")
+    p = sub.add_parser("deliver", help=f"deliver actions from {ACTIONS_TOPIC} to Alertmanager, webhooks, Grafana, Mailman, HTTP")
     p.add_argument("--broker", help="kafka://HOST:PORT (default $STORMGUARD_BROKER or kafka://127.0.0.1:9092)")
     p.add_argument("--web-port", type=int,
                    help=f"port for /healthz and /metrics (default $STORMGUARD_DELIVER_WEB_PORT or "

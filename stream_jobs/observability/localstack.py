@@ -42,22 +42,29 @@ def prometheus_binary() -> str:
     return path
 
 
-def scrape_config(targets: list[str], job: str = "stormguard", interval: str = "1s") -> str:
-    """A prometheus.yml scraping ``targets`` (host:port) as ``job``."""
+def scrape_config(targets: list[str], job: str = "stormguard", interval: str = "1s", rule_files: list[str] = (),
+                  alertmanagers: list[str] = ()) -> str:
+    """A prometheus.yml scraping ``targets`` (host:port) as ``job``; optionally rules and Alertmanagers."""
     doc = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "scrape_configs": [{"job_name": job, "metrics_path": "/metrics",
                             "static_configs": [{"targets": list(targets)}]}],
     }
+    if rule_files:
+        doc["rule_files"] = [str(f) for f in rule_files]
+    if alertmanagers:
+        doc["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": list(alertmanagers)}]}]}
     return json.dumps(doc, indent=2) + "\n"  # JSON is YAML
 
 
 class Prometheus:
     """The real Prometheus server, on 127.0.0.1 and a free port, data in a temp dir."""
 
-    def __init__(self, targets: list[str], workdir: Optional[Path] = None, interval: str = "1s"):
+    def __init__(self, targets: list[str], workdir: Optional[Path] = None, interval: str = "1s",
+                 rule_files: list[str] = (), alertmanagers: list[str] = ()):
         self.targets = targets
         self.interval = interval
+        self.rule_files, self.alertmanagers = list(rule_files), list(alertmanagers)
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sg-prom-"))
         self.port = free_port()
@@ -71,7 +78,8 @@ class Prometheus:
 
     def start(self, timeout: float = 30.0) -> "Prometheus":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(scrape_config(self.targets, interval=self.interval))
+        self.config_path.write_text(scrape_config(self.targets, interval=self.interval, rule_files=self.rule_files,
+                                                  alertmanagers=self.alertmanagers))
         self.child = ChildProcess(
             [prometheus_binary(), f"--config.file={self.config_path}",
              f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",

@@ -471,6 +471,8 @@ def _declare(worker: StormguardWorker) -> None:
     if settings.gc_freeze_s:
         app.timer(settings.gc_freeze_s, name=f"{_NAME}._freeze_heap")(worker.freeze_heap)
 
+    metrics.READY.set_function(lambda: 1.0 if worker.ready.is_set() and not worker.dead else 0.0)
+
     @app.timer(1.0, name=f"{_NAME}.observe_consumer")
     async def observe_consumer() -> None:
         metrics.observe_consumer(app)

@@ -102,3 +102,42 @@ def test_promtool_accepts_the_live_test_config_and_rejects_a_broken_one(tmp_path
     bad = tmp_path / "bad.yml"
     bad.write_text(PROMETHEUS_YML.read_text().replace("scrape_interval: 5s", "scrape_interval: often", 1))
     assert _promtool(bad).returncode != 0
+
+
+ALERTMANAGER_YML = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+
+
+def _amtool(path: Path) -> subprocess.CompletedProcess:
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.fail("amtool missing: Debian's prometheus-alertmanager package is not installed (make install does)")
+    return subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_amtool_accepts_the_example_route_and_rejects_a_broken_one(tmp_path):
+    result = _amtool(ALERTMANAGER_YML)
+    assert result.returncode == 0, result.stdout + result.stderr
+    bad = tmp_path / "alertmanager.yml"
+    bad.write_text(ALERTMANAGER_YML.read_text().replace("receiver: mail-on-call", "receiver: nobody", 1))
+    assert _amtool(bad).returncode != 0  # a route to a receiver that does not exist
+
+
+def test_alerts_flow_to_the_stack_s_alertmanager():
+    services = _compose()["services"]
+    am = services["alertmanager"]
+    assert am["image"].startswith("prom/alertmanager:")
+    assert "--cluster.listen-address=" in am["command"]
+    assert any(v.startswith("./deploy/alertmanager/alertmanager.yml:") for v in am["volumes"])
+    # Prometheus sends its rules' alerts there, and loads the rules compose mounts next to its config.
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    targets = [t for a in config["alerting"]["alertmanagers"] for sc in a["static_configs"] for t in sc["targets"]]
+    assert targets == ["alertmanager:9093"]
+    assert config["rule_files"] == ["rules.yml"]
+    assert "./deploy/prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in services["prometheus"]["volumes"]
+    # stormguard deliver posts its storm alerts to the same one.
+    deliver = services["stormguard-deliver"]["environment"]
+    assert deliver["STORMGUARD_ALERTMANAGER_URLS"] == "http://alertmanager:9093"
+    from stream_jobs.actions.sinks import sinks_from_env
+
+    env = {k: str(v) for k, v in deliver.items() if not k.endswith(("_FILE", "PASSWORD"))}
+    assert "alertmanager" in [s.kind for s in sinks_from_env(env)]

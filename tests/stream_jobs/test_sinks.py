@@ -13,7 +13,7 @@ import pytest
 from detectors.policy import Action
 from stream_jobs.settings import SettingsError
 from stream_jobs.actions.sinks import Rejected, SinkError, Skip, sinks_from_env
-from stream_jobs.actions.sinks.alertmanager import WebhookSink, alertmanager_payload, fingerprint
+from stream_jobs.actions.sinks.webhook import WebhookSink, alertmanager_payload, fingerprint
 from stream_jobs.actions.sinks.grafana import GrafanaSink
 from stream_jobs.actions.sinks.http import HttpSink
 from tests.stream_jobs.receivers import FakeGrafana, RecordingServer, WebhookReceiver
@@ -312,3 +312,138 @@ async def test_shadow_mode_decisions_hold_nothing_and_say_would_freeze(tmp_path)
             assert len(real) == 1 and real[0]["timeEnd"] == real[0]["time"], "the real freeze is still open"
         finally:
             await sink.close()
+
+
+# -- Alertmanager (the live cases against the real binary are in test_alertmanager_live.py) -----------------
+async def test_alertmanager_ha_set_needs_one_taker_and_classifies_refusals():
+    from stream_jobs.actions.sinks.alertmanager import AlertmanagerSink
+
+    with RecordingServer(status=200) as up, RecordingServer(status=503) as busy, RecordingServer(status=400) as bad:
+        for urls, outcome in (([up.url, busy.url], None), ([busy.url, bad.url], SinkError), ([bad.url], Rejected)):
+            sink = AlertmanagerSink(urls, timeout=5, resend_interval=3600, bearer_token="tok")
+            try:
+                if outcome is None:
+                    await sink.deliver(action("freeze"))
+                else:
+                    with pytest.raises(outcome):
+                        await sink.deliver(action("freeze"))
+            finally:
+                await sink.close()
+        (req,) = [r for r in up.requests if r["method"] == "POST"]
+        assert req["path"] == "/api/v2/alerts" and req["headers"]["authorization"] == "Bearer tok"
+        (alert,) = req["body"]
+        assert alert["labels"] == {"alertname": "ReplyAllStorm", "list": "all-staff@nhs.net", "severity": "critical",
+                                   "detector": "reply_velocity", "enforced": "true", "app_id": "stormguard"}
+        assert alert["startsAt"] == "2016-11-17T10:00:00.000Z" and alert["endsAt"] > alert["startsAt"]
+        assert busy.requests, "every Alertmanager of the set is tried"
+
+
+async def test_alertmanager_unfreeze_resolves_the_freeze_s_labels_and_skips_the_unknown():
+    from stream_jobs.actions.sinks.alertmanager import AlertmanagerSink
+
+    with RecordingServer(status=200) as am:
+        sink = AlertmanagerSink([am.url], timeout=5, resend_interval=3600)
+        try:
+            await sink.deliver(action("alert", detector="fanout", sender="test@nhs.net"))
+            await sink.deliver(action("freeze"))
+            assert len(sink.firing()) == 1  # the freeze is kept alive; the warning has its own endsAt
+            await sink.deliver(action("unfreeze", t=T0 + 60, detector="cooldown", sender=None))
+            await sink.deliver(action("unfreeze", t=T0 + 60, detector="cooldown", sender=None))  # redelivered
+            assert sink.firing() == []
+        finally:
+            await sink.close()
+        posts = [r["body"] for r in am.requests if r["method"] == "POST"]
+        resolved = posts[2]
+        assert posts[3] == resolved  # the redelivery resolves the same alerts again
+        assert {a["labels"]["detector"] for a in resolved} == {"reply_velocity", "fanout"}  # the freeze's, not "cooldown"
+        assert all(a["endsAt"] == "2016-11-17T10:01:00.000Z" for a in resolved)
+        assert "released" in resolved[0]["annotations"]["summary"]
+    # An unfreeze of a list this sink never saw, and no Alertmanager knows: nothing to resolve.
+    with RecordingServer(status=200) as empty:
+        sink = AlertmanagerSink([empty.url], timeout=5, resend_interval=3600)
+        try:
+            with pytest.raises(Skip):
+                await sink.deliver(action("unfreeze", lst="other@nhs.net", t=T0 + 60, detector="operator"))
+        finally:
+            await sink.close()
+
+
+def test_alertmanager_recovers_firing_freezes_and_marks_shadow_and_capped_ones():
+    from detectors.policy import shadow
+    from stream_jobs.actions.sinks.alertmanager import AlertmanagerSink, labels_of, annotations_of
+
+    sink = AlertmanagerSink(["http://127.0.0.1:1"])
+    sink.recover([action("freeze", lst="a@x"), action("freeze", lst="b@x"), action("unfreeze", lst="a@x", t=T0 + 9),
+                  shadow(action("freeze", lst="c@x")), action("alert", lst="d@x")])
+    assert sorted(a.labels["list"] for a in sink.firing()) == ["b@x", "c@x"]
+    would = labels_of(shadow(action("freeze")), "sg")
+    assert would["severity"] == "info" and would["enforced"] == "false"
+    assert "would freeze" in annotations_of(shadow(action("freeze")))["summary"]
+    capped = action("alert", reason="3 reply-alls; not frozen: 20 freezes in the last hour (max_freezes_per_hour), "
+                                    "an operator must confirm")
+    assert labels_of(capped, "sg")["severity"] == "critical"
+    assert "NOT frozen" in annotations_of(capped)["summary"]
+    assert labels_of(action("alert"), "sg")["severity"] == "warning"
+
+
+def test_alertmanager_settings(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    (sink,) = sinks_from_env({"STORMGUARD_ALERTMANAGER_URLS": "http://am1:9093, http://am2:9093/api/v2/alerts",
+                              "STORMGUARD_ALERTMANAGER_USERNAME": "stormguard",
+                              "STORMGUARD_ALERTMANAGER_PASSWORD_FILE": str(pw), "STORMGUARD_APP_ID": "sg-eu",
+                              "STORMGUARD_ALERTMANAGER_RESEND_INTERVAL": "30"})
+    assert sink.kind == "alertmanager" and sink.urls == ["http://am1:9093", "http://am2:9093"]
+    assert sink._auth == ("stormguard", "s3cret") and sink.app_id == "sg-eu" and sink.resend_interval == 30
+    for env, match in (({"STORMGUARD_ALERTMANAGER_URLS": "am1:9093"}, "http"),
+                       ({"STORMGUARD_ALERTMANAGER_URLS": "http://a", "STORMGUARD_ALERTMANAGER_USERNAME": "u"}, "together"),
+                       ({"STORMGUARD_ALERTMANAGER_URLS": "http://a", "STORMGUARD_ALERTMANAGER_BEARER_TOKEN": "t",
+                         "STORMGUARD_ALERTMANAGER_USERNAME": "u", "STORMGUARD_ALERTMANAGER_PASSWORD": "p"}, "exclude"),
+                       ({"STORMGUARD_ALERTMANAGER_URLS": "http://a,http://a/"}, "twice"),
+                       ({"STORMGUARD_ALERTMANAGER_URLS": "http://a", "STORMGUARD_ALERTMANAGER_CA_FILE": "/nope"},
+                        "cannot load"),
+                       ({"STORMGUARD_ALERTMANAGER_URLS": "http://a", "STORMGUARD_ALERTMANAGER_RESEND_INTERVAL": "0"},
+                        "> 0")):
+        with pytest.raises(SettingsError, match=match):
+            sinks_from_env(env)
+
+
+@pytest.mark.live
+async def test_alertmanager_over_tls_with_basic_auth(tmp_path):
+    """The real Alertmanager behind its own TLS and basic auth (--web.config.file); secrets from files."""
+    import crypt  # bcrypt ($2b$) through the system's libxcrypt, as Alertmanager's web config wants
+    import secrets
+    import shutil
+    import subprocess
+
+    from tests.stream_jobs.receivers import Alertmanager, alertmanager_config
+
+    cert, key = tmp_path / "am.crt", tmp_path / "am.key"
+    subprocess.run([shutil.which("openssl") or "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    password = secrets.token_urlsafe(12)
+    hashed = crypt.crypt(password, "$2b$10$" + secrets.token_urlsafe(16)[:22].replace("-", ".").replace("_", "/"))
+    web = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\nbasic_auth_users:\n  stormguard: '{hashed}'\n"
+    pw = tmp_path / "am-password"
+    pw.write_text(password + "\n")
+    with Alertmanager(tmp_path, alertmanager_config("http://127.0.0.1:9/none"), web_config=web, scheme="https") as am:
+        env = {"STORMGUARD_ALERTMANAGER_URLS": am.url, "STORMGUARD_ALERTMANAGER_USERNAME": "stormguard",
+               "STORMGUARD_ALERTMANAGER_PASSWORD_FILE": str(pw), "STORMGUARD_ALERTMANAGER_CA_FILE": str(cert)}
+        (sink,) = sinks_from_env(env)
+        try:
+            await sink.deliver(action("freeze", lst="tls@nhs.example"))
+            sink.active.clear()
+            found = await sink._ask_alertmanager(action("unfreeze", lst="tls@nhs.example"))
+            assert [a.labels["list"] for a in found] == ["tls@nhs.example"]
+        finally:
+            await sink.close()
+        (wrong,) = sinks_from_env({**env, "STORMGUARD_ALERTMANAGER_PASSWORD_FILE": "",
+                                   "STORMGUARD_ALERTMANAGER_PASSWORD": "not-it"})
+        untrusted = sinks_from_env({**env, "STORMGUARD_ALERTMANAGER_CA_FILE": ""})[0]
+        for other, text in ((wrong, "401"), (untrusted, "no Alertmanager took")):
+            try:
+                with pytest.raises(SinkError, match=text):  # transient: an operator fixes it, the outbox retries
+                    await other.deliver(action("freeze", lst="tls@nhs.example"))
+            finally:
+                await other.close()

@@ -1,7 +1,8 @@
 """Where Stormguard's actions go: one small class per kind of receiver.
 
 A sink turns one :class:`~detectors.policy.Action` into one effect on one
-receiver: :mod:`~stream_jobs.actions.sinks.alertmanager` (an Alertmanager-style webhook),
+receiver: :mod:`~stream_jobs.actions.sinks.alertmanager` (an alert in Prometheus Alertmanager),
+:mod:`~stream_jobs.actions.sinks.webhook` (a signed Alertmanager-style webhook),
 :mod:`~stream_jobs.actions.sinks.grafana` (an annotation), :mod:`~stream_jobs.actions.sinks.mailman`
 (a list's emergency moderation), :mod:`~stream_jobs.actions.sinks.http` (any HTTP endpoint).
 What a sink is, and the contract of :meth:`Sink.deliver`, are in :mod:`~stream_jobs.actions.sinks.base`;
@@ -54,9 +55,26 @@ def sinks_from_env(environ: Optional[dict] = None) -> list[Sink]:
     timeout = _float(env, "STORMGUARD_DELIVER_TIMEOUT", 10.0)
     sinks: list[Sink] = []
 
+    managers = [u.strip() for u in (env.get("STORMGUARD_ALERTMANAGER_URLS") or "").split(",") if u.strip()]
+    if managers:
+        from stream_jobs.actions.sinks.alertmanager import AlertmanagerSink
+
+        sinks.append(AlertmanagerSink(
+            managers, app_id=env.get("STORMGUARD_APP_ID") or "stormguard",
+            runbook_url=env.get("STORMGUARD_ALERTMANAGER_RUNBOOK_URL") or "",
+            external_url=env.get("STORMGUARD_EXTERNAL_URL") or "",
+            resend_interval=_float(env, "STORMGUARD_ALERTMANAGER_RESEND_INTERVAL", 60.0),
+            alert_ttl=_float(env, "STORMGUARD_ALERTMANAGER_ALERT_TTL", 3600.0),
+            username=env.get("STORMGUARD_ALERTMANAGER_USERNAME") or None,
+            password=secret("STORMGUARD_ALERTMANAGER_PASSWORD", env),
+            bearer_token=secret("STORMGUARD_ALERTMANAGER_BEARER_TOKEN", env),
+            ca_file=env.get("STORMGUARD_ALERTMANAGER_CA_FILE") or None,
+            cert_file=env.get("STORMGUARD_ALERTMANAGER_CERT_FILE") or None,
+            key_file=env.get("STORMGUARD_ALERTMANAGER_KEY_FILE") or None, timeout=timeout))
+
     urls = [u.strip() for u in (env.get("STORMGUARD_WEBHOOK_URLS") or "").split(",") if u.strip()]
     if urls:
-        from stream_jobs.actions.sinks.alertmanager import WebhookSink
+        from stream_jobs.actions.sinks.webhook import WebhookSink
 
         webhook_secret = secret("STORMGUARD_WEBHOOK_SECRET", env)
         if not webhook_secret:

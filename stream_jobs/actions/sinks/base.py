@@ -1,7 +1,7 @@
 """What every sink is: :class:`Sink`, its errors, and the helpers the sinks share.
 
 A sink turns one :class:`~detectors.policy.Action` into one effect on one
-receiver (an Alertmanager-style webhook, a Grafana annotation, a Mailman
+receiver (an alert in Alertmanager, a signed webhook, a Grafana annotation, a Mailman
 list's emergency moderation, any HTTP endpoint). ``stormguard deliver``
 (:mod:`stream_jobs.actions.deliver`) feeds every sink from the ``stormguard.actions``
 outbox, each sink through its own consumer group, and owns retries: a sink
@@ -81,6 +81,12 @@ class Sink:
     def accepts(self, action: Action) -> bool:
         """Whether this sink has anything to do for ``action`` (others are skipped and committed)."""
         return True
+
+    #: Whether the runner hands this sink the outbox's history (:meth:`recover`) before it delivers.
+    recovers = False
+
+    def recover(self, actions) -> None:
+        """Rebuild what the sink keeps in memory from every action still in the outbox, oldest first."""
 
     async def start(self) -> None:
         """Open connections; called once before the first :meth:`deliver`."""
