@@ -411,7 +411,7 @@ def test_alertmanager_settings(tmp_path):
 @pytest.mark.live
 async def test_alertmanager_over_tls_with_basic_auth(tmp_path):
     """The real Alertmanager behind its own TLS and basic auth (--web.config.file); secrets from files."""
-    import crypt  # bcrypt ($2b$) through the system's libxcrypt, as Alertmanager's web config wants
+    import bcrypt  # Alertmanager's web config wants bcrypt hashes
     import secrets
     import shutil
     import subprocess
@@ -423,7 +423,7 @@ async def test_alertmanager_over_tls_with_basic_auth(tmp_path):
                     "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
     password = secrets.token_urlsafe(12)
-    hashed = crypt.crypt(password, "$2b$10$" + secrets.token_urlsafe(16)[:22].replace("-", ".").replace("_", "/"))
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
     web = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\nbasic_auth_users:\n  stormguard: '{hashed}'\n"
     pw = tmp_path / "am-password"
     pw.write_text(password + "\n")
