@@ -83,7 +83,8 @@ class HoldBook:
 
     def __init__(self, max_watches: int = MAX_WATCHES):
         self.max_watches = max_watches
-        self._frozen: set[str] = set()
+        #: frozen list -> when its freeze ends by itself (None: when it is lifted)
+        self._frozen: dict[str, Optional[float]] = {}
         #: (list, root) -> the watch; normalised message-id -> the watches naming it.
         self._watches: dict[tuple[str, str], _Watch] = {}
         self._by_id: dict[str, list[_Watch]] = {}
@@ -102,11 +103,12 @@ class HoldBook:
         elif action.kind == "unfreeze":
             self.unfreeze(action.list)
 
-    def freeze(self, address: str) -> None:
-        self._frozen.add(address.strip().lower())
+    def freeze(self, address: str, until: Optional[float] = None) -> None:
+        """Hold every message to ``address`` (until ``until``, if given: a cool-down's end)."""
+        self._frozen[address.strip().lower()] = until
 
     def unfreeze(self, address: str) -> None:
-        self._frozen.discard(address.strip().lower())
+        self._frozen.pop(address.strip().lower(), None)
 
     def hold_thread(self, address: str, hold: ThreadHold) -> None:
         """Hold replies into a thread: until ``hold.until``, or while the list is frozen (``until`` None)."""
@@ -154,11 +156,15 @@ class HoldBook:
                 break
 
     # -- the decision -----------------------------------------------------------------------
-    def frozen(self, address: str) -> bool:
-        return address.strip().lower() in self._frozen
+    def frozen(self, address: str, now: Optional[float] = None) -> bool:
+        address = address.strip().lower()
+        if address not in self._frozen:
+            return False
+        until = self._frozen[address]
+        return until is None or now is None or now < until
 
-    def frozen_lists(self) -> list[str]:
-        return sorted(self._frozen)
+    def frozen_lists(self, now: Optional[float] = None) -> list[str]:
+        return sorted(a for a in list(self._frozen) if self.frozen(a, now))
 
     def decide(self, lists: Iterable[str], refs: Iterable[str], now: float) -> Optional[Hold]:
         """Hold a message to ``lists`` (its recipients as submitted) replying to ``refs``? None: deliver it.
@@ -167,7 +173,9 @@ class HoldBook:
         """
         targets = {a.strip().lower() for a in lists}
         refs = [normalise_id(r) for r in refs]
-        for address in sorted(targets & self._frozen):
+        for address in sorted(targets.intersection(self._frozen)):
+            if not self.frozen(address, now):
+                continue
             storm = self._storm.get(address)
             root = storm.root if storm is not None and any(r in storm.ids for r in refs) else None
             return Hold("list", address, root)
