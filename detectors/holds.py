@@ -33,7 +33,7 @@ from typing import Iterable, NamedTuple, Optional
 
 from detectors.policy import Action, ThreadHold
 
-#: Held threads remembered at most; the ones that ended are forgotten first.
+#: Held threads remembered at most; past it, those that end first are forgotten first.
 MAX_WATCHES = 100_000
 
 _ID = re.compile(r"<([^<>\s]+)>")
@@ -143,17 +143,13 @@ class HoldBook:
                 if not named:
                     del self._by_id[mid]
 
-    def _forget_ended(self, now: Optional[float] = None) -> None:
+    def _forget_ended(self) -> None:
+        """Too many held threads: forget the timed ones that end first, down to half the limit."""
         storms = {id(w) for w in self._storm.values()}
-        for key, watch in list(self._watches.items()):
-            if id(watch) in storms:
-                continue
-            if watch.until is None or (now is not None and watch.until > now):
-                continue
-            del self._watches[key]
-            self._drop_ids(watch)
-            if len(self._watches) <= self.max_watches // 2:
-                break
+        timed = sorted((w.until, key) for key, w in self._watches.items()
+                       if w.until is not None and id(w) not in storms)
+        for _, key in timed[:max(0, len(self._watches) - self.max_watches // 2)]:
+            self._drop_ids(self._watches.pop(key))
 
     # -- the decision -----------------------------------------------------------------------
     def frozen(self, address: str, now: Optional[float] = None) -> bool:
@@ -194,6 +190,11 @@ class HoldBook:
         """Does a message replying to ``refs`` reply into the held thread ``root`` of ``address``?"""
         watch = self._watches.get((address.strip().lower(), normalise_id(root)))
         return watch is not None and any(normalise_id(r) in watch.ids for r in refs)
+
+    def thread_ids(self, address: str, root: str) -> set[str]:
+        """The message-ids of one held thread (normalised; empty if the thread is not known)."""
+        watch = self._watches.get((address.strip().lower(), normalise_id(root)))
+        return set(watch.ids) if watch is not None else set()
 
     def threads(self) -> list[dict]:
         """Every held thread, for an operator (``GET /api/holds`` of the milter)."""

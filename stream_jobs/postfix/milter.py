@@ -513,7 +513,7 @@ async def _serve(args, lists: dict[str, int]) -> int:
     import signal
 
     from stream_jobs.kafka.replay import make_producer, routing_key
-    from stream_jobs.postfix.held import HeldMail, Postfix, serve_admin
+    from stream_jobs.postfix.held import HeldMail, Postfix, serve_admin, sweep_forever
     from stream_jobs.postfix.list_state import KafkaStateFeed
     from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC, THREAD_WATCH_TOPIC
 
@@ -546,6 +546,7 @@ async def _serve(args, lists: dict[str, int]) -> int:
             log.info("held %s from=<%s> (%s)", seen.queue_id, seen.sender, hold_reason(hold))
 
     server = MilterServer(decider, after)
+    sweeper = asyncio.ensure_future(sweep_forever(held))
     admin = None
     try:
         await server.start(args.listen)
@@ -560,6 +561,7 @@ async def _serve(args, lists: dict[str, int]) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        sweeper.cancel()
         if server.server is not None:
             server.server.close()
         if admin is not None:

@@ -1,0 +1,196 @@
+"""The milter's matching and its protocol path, fast: no Postfix, no broker (the live test is test_milter_postfix_live)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from detectors.holds import HoldBook, message_ids
+from detectors.policy import Action, ThreadHold, shadow
+from stream_jobs.kafka.broker import free_port
+from stream_jobs.postfix.milter import MessageSeen, MilterDecider, MilterServer
+
+LIST = "all@nhs.net"
+
+
+def held_thread(until: float | None = 1_000.0, root: str = "<t0@nhs.net>", ids=None) -> ThreadHold:
+    return ThreadHold(root=root, ids=ids or [root], until=until)
+
+
+def test_a_reply_into_a_held_thread_is_held_other_mail_flows():
+    book = HoldBook()
+    book.hold_thread(LIST, held_thread())
+    assert book.decide([LIST, "gp@nhs.net"], ["<t0@nhs.net>"], 10.0).kind == "thread"
+    # matched by any References id, in any form, and the list by any case
+    assert book.decide(["ALL@NHS.NET"], message_ids("<x@y>\r\n <t0@nhs.net>"), 10.0) is not None
+    assert book.decide([LIST], ["<other@nhs.net>"], 10.0) is None          # another thread of the list
+    assert book.decide([LIST], [], 10.0) is None                            # a new post to the list
+    assert book.decide(["nurse@nhs.net"], ["<t0@nhs.net>"], 10.0) is None   # answering the sender only
+    assert book.decide([LIST], ["<t0@nhs.net>"], 1_000.0) is None          # the hold has ended
+
+
+def test_a_frozen_list_holds_everything_and_its_storm_thread_is_known_after_the_unfreeze():
+    book = HoldBook()
+    book.hold_thread(LIST, held_thread(until=None, ids=["<t0@nhs.net>", "<r1@nhs.net>"]))  # a freeze's storm thread
+    assert book.decide([LIST], ["<r1@nhs.net>"], 10.0) is None  # not frozen (yet): a storm hold needs the freeze
+    book.freeze(LIST, until=500.0)
+    hold = book.decide([LIST], ["<r1@nhs.net>"], 10.0)
+    assert hold.kind == "list" and hold.root == "t0@nhs.net"
+    assert book.decide([LIST], [], 10.0).root is None
+    assert book.decide([LIST], [], 500.0) is None  # past the cool-down's end
+    book.unfreeze(LIST)
+    assert book.decide([LIST], ["<t0@nhs.net>"], 10.0) is None
+    assert book.storm_thread(LIST) == ("t0@nhs.net", frozenset({"t0@nhs.net", "r1@nhs.net"}))
+    assert book.in_thread(LIST, "<t0@nhs.net>", ["<r1@nhs.net>"]) and not book.in_thread(LIST, "<t0@nhs.net>", ["x"])
+
+
+def test_the_book_follows_actions_and_ignores_shadow_decisions():
+    alert = Action(kind="alert", list=LIST, sender="a@nhs.net", event_time=1.0, detector="fanout", score=9.0,
+                   message_id="<t0@nhs.net>", reason="r", thread=held_thread(until=301.0))
+    book = HoldBook()
+    book.apply(shadow(alert))
+    assert book.decide([LIST], ["<t0@nhs.net>"], 2.0) is None
+    book.apply(alert)
+    assert book.decide([LIST], ["<t0@nhs.net>"], 2.0) is not None
+    book.end_thread(LIST, "<t0@nhs.net>")
+    assert book.decide([LIST], ["<t0@nhs.net>"], 2.0) is None and book.threads() == []
+
+
+def test_ended_holds_are_forgotten_when_the_book_is_full():
+    book = HoldBook(max_watches=10)
+    for i in range(25):
+        book.hold_thread(LIST, held_thread(until=float(i), root=f"<t{i}@x>"))
+    assert len(book.threads()) <= 10
+    assert book.decide([LIST], ["<t24@x>"], 0.0) is not None  # the newest is kept
+
+
+def test_the_milter_event_is_the_contract_event():
+    book = HoldBook()
+    d = MilterDecider(book, {LIST: 840_000}, clock=lambda: 1_479_112_260.0)
+    seen = MessageSeen(queue_id="4XqAbC", sender="nurse@nhs.net", recipients=[LIST, "gp@nhs.net"],
+                       headers={"message-id": "<r1@nhs.net>", "in-reply-to": "<t0@nhs.net>",
+                                "references": "<t0@nhs.net>", "subject": "=?utf-8?q?RE=3A_test_=C3=A9?="})
+    event, hold = d.decide(seen)
+    assert hold is None
+    assert (event.message_id, event.sender, event.recipients, event.lists) == \
+        ("<r1@nhs.net>", "nurse@nhs.net", [LIST, "gp@nhs.net"], {LIST: 840_000})
+    assert event.in_reply_to == "<t0@nhs.net>" and event.subject == "RE: test é" and event.is_reply
+    assert event.deliveries == 840_001
+    # a list manager's own distribution is neither an event nor held
+    assert d.decide(MessageSeen(sender="all-bounces@nhs.net", recipients=["x@nhs.net"],
+                                headers={"list-id": "<all.nhs.net>"})) == (None, None)
+    # no Message-ID: one naming the queue id; the null sender is MAILER-DAEMON
+    event, _ = d.decide(MessageSeen(queue_id="Q1", sender="", recipients=["x@nhs.net"]))
+    assert event.message_id == "<Q1.stormguard@milter.invalid>" and event.sender == "MAILER-DAEMON"
+
+
+# -- the protocol path: an MTA speaking the milter protocol (kilter.protocol's messages) to the server ------------
+
+class FakeMTAConnection:
+    """The MTA side of the milter protocol, as Postfix speaks it: framed packets over TCP."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    async def send(self, *messages) -> None:
+        from kilter.protocol.buffer import SimpleBuffer
+
+        buf = SimpleBuffer(1 << 16)
+        for message in messages:
+            message.pack(buf)
+        self.writer.write(buf[:].tobytes())
+        await self.writer.drain()
+
+    async def receive(self):
+        from kilter.protocol import messages as m
+        from kilter.protocol.buffer import SimpleBuffer
+
+        head = await asyncio.wait_for(self.reader.readexactly(4), 5)
+        body = await asyncio.wait_for(self.reader.readexactly(int.from_bytes(head, "big")), 5)
+        buf = SimpleBuffer(len(body) + 4)
+        buf[:] = head + body
+        message, _ = m.Message.unpack(buf)
+        message.freeze()
+        return message
+
+
+async def _message(mta, queue_id: str, sender: str, rcpts: list[str], headers: dict[str, str]):
+    from kilter.protocol import messages as m
+
+    await mta.send(m.Macro(ord("M"), {"i": queue_id}), m.EnvelopeFrom(f"<{sender}>".encode()))
+    for r in rcpts:
+        await mta.send(m.EnvelopeRecipient(f"<{r}>".encode()))
+    for name, value in headers.items():
+        await mta.send(m.Header(name, value.encode()))
+    await mta.send(m.EndOfHeaders(), m.Macro(ord("E"), {"i": queue_id}), m.EndOfMessage(b""))
+    first = await mta.receive()
+    return [first] if isinstance(first, (m.Continue, m.Accept)) else [first, await mta.receive()]
+
+
+async def test_the_protocol_path_quarantines_a_reply_into_a_held_thread_and_lets_the_rest_through():
+    from kilter.protocol import messages as m
+
+    book = HoldBook()
+    book.hold_thread(LIST, held_thread(until=time.time() + 60))
+    got = []
+    decider = MilterDecider(book, {LIST: 600})
+    server = MilterServer(decider, lambda seen, event, hold: got.append((seen.queue_id, event, hold)))
+    port = free_port()
+    await server.start(f"inet:127.0.0.1:{port}")
+    try:
+        mta = FakeMTAConnection(*await asyncio.open_connection("127.0.0.1", port))
+        P = m.ProtocolFlags
+        offered = P(0x1FFFFF) & ~P.HEADER_LEADING_SPACE  # everything Postfix 3.7 offers
+        await mta.send(m.Negotiate(6, m.ActionFlags.ALL, offered))
+        reply = await mta.receive()
+        assert isinstance(reply, m.Negotiate) and reply.action_flags == m.ActionFlags.QUARANTINE
+        assert P.NO_BODY in reply.protocol_flags and P.NR_HEADER in reply.protocol_flags
+
+        reply_all = await _message(mta, "Q1", "nurse@nhs.net", [LIST], {
+            "Message-ID": "<r1@nhs.net>", "In-Reply-To": "<t0@nhs.net>", "Subject": "RE: test"})
+        assert isinstance(reply_all[0], m.Quarantine) and "held thread <t0@nhs.net>" in reply_all[0].reason
+        assert isinstance(reply_all[1], m.Continue)
+        other = await _message(mta, "Q2", "gp@nhs.net", [LIST], {"Message-ID": "<n1@nhs.net>", "Subject": "rota"})
+        assert [type(r) for r in other] == [m.Continue]
+        # an aborted transaction forgets what it saw; the next one on the same connection starts clean
+        await mta.send(m.EnvelopeFrom(b"<x@nhs.net>"), m.Abort())
+        private = await _message(mta, "Q3", "gp@nhs.net", ["nurse@nhs.net"], {
+            "Message-ID": "<p1@nhs.net>", "In-Reply-To": "<t0@nhs.net>"})
+        assert [type(r) for r in private] == [m.Continue]
+        await mta.send(m.Close())
+        assert await mta.reader.read() == b""  # closed
+
+        assert [(q, h.kind if h else None) for q, _, h in got] == [("Q1", "thread"), ("Q2", None), ("Q3", None)]
+        assert got[0][1].message_id == "<r1@nhs.net>" and got[0][1].lists == {LIST: 600}
+        assert decider.counts["held_thread"] == 1 and decider.counts["errors"] == 0
+
+        # a broken peer: the connection is dropped (Postfix then applies milter_default_action = accept)
+        bad = FakeMTAConnection(*await asyncio.open_connection("127.0.0.1", port))
+        bad.writer.write(b"\xff\xff\xff\xffjunk")
+        await bad.writer.drain()
+        assert await asyncio.wait_for(bad.reader.read(), 5) == b""
+        assert decider.counts["errors"] == 1
+    finally:
+        server.server.close()
+
+
+async def test_a_decision_error_delivers_the_message():
+    from kilter.protocol import messages as m
+
+    class Broken(HoldBook):
+        def decide(self, *a, **kw):
+            raise RuntimeError("boom")
+
+    server = MilterServer(MilterDecider(Broken(), {}))
+    port = free_port()
+    await server.start(f"inet:127.0.0.1:{port}")
+    try:
+        mta = FakeMTAConnection(*await asyncio.open_connection("127.0.0.1", port))
+        await mta.send(m.Negotiate(6, m.ActionFlags.ALL, m.ProtocolFlags(0x1FFFFF)))
+        await mta.receive()
+        assert [type(r) for r in await _message(mta, "Q9", "a@x", [LIST], {"Message-ID": "<m@x>"})] == [m.Continue]
+        assert server.decider.counts["errors"] == 1
+    finally:
+        server.server.close()
