@@ -37,6 +37,8 @@ from stream_jobs.settings import secret
 
 log = logging.getLogger("stormguard.milter")
 
+#: Released messages scheduled one by one (``postqueue -i``) at most; more: ``postqueue -f`` once.
+MAX_ONE_BY_ONE = 200
 #: How often ended thread holds are looked for (seconds).
 SWEEP_EVERY = 15.0
 
@@ -78,6 +80,14 @@ class Postfix:
                              text=True, timeout=120)
         if out.returncode != 0:
             raise PostfixError(f"postsuper {flag} failed: {out.stderr.strip()[:300]}")
+        if verb == "release":
+            # postsuper -H moves mail to the deferred queue, tried again at the next queue run (up to
+            # queue_run_delay, 300 s): ask for each one now (a big release flushes the deferred queue once)
+            ids_list = ids.split()
+            commands = [[self.postqueue_bin, *self._conf(), "-i", q] for q in ids_list] \
+                if len(ids_list) <= MAX_ONE_BY_ONE else [[self.postqueue_bin, *self._conf(), "-f"]]
+            for command in commands:
+                subprocess.run(command, capture_output=True, timeout=60)
 
 
 def _binary(name: str) -> str:

@@ -37,7 +37,7 @@ import logging
 import sys
 import time
 from email.header import decode_header, make_header
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import msgspec
 
@@ -414,7 +414,7 @@ class ThreadWatch(msgspec.Struct, kw_only=True):
 
     list: str
     root: str
-    ids: list[str]
+    ids: List[str]  # typing's: the field ``list`` hides the builtin in this class's namespace
     until: Optional[float] = None
     since: Optional[float] = None
     storm: bool = False
