@@ -194,3 +194,13 @@ async def test_a_decision_error_delivers_the_message():
         assert server.decider.counts["errors"] == 1
     finally:
         server.server.close()
+
+
+def test_the_bench_measures_the_milter_decision_on_realistic_traffic():
+    from stream_jobs.bench.milter import milter_decisions
+    from stream_jobs.bench.traffic import encode_all, realistic_events
+
+    figures = milter_decisions(encode_all(realistic_events(3_000, seed=7)), held_threads=50, frozen_lists=3)
+    assert figures["events"] == 3_000 and figures["held_threads"] == 50
+    assert figures["held"] > 0  # replies into the held threads and posts to the frozen lists were found
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
