@@ -443,6 +443,47 @@ def thread_watch_applier(book: HoldBook):
     return apply
 
 
+class EventOutbox:
+    """Events handed to a producer thread: a broker that is slow or gone never blocks the milter's loop.
+
+    Bounded: when full, new events are dropped and counted (never the mail).
+    """
+
+    def __init__(self, producer, topic: str, key: Callable[[bytes], Optional[bytes]], max_events: int = 100_000):
+        import queue
+        import threading
+
+        self.producer, self.topic, self.key = producer, topic, key
+        self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(max_events)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="milter-events", daemon=True)
+        self._thread.start()
+
+    def put(self, raw: bytes) -> None:
+        import queue
+
+        try:
+            self.queue.put_nowait(raw)
+        except queue.Full:
+            self.dropped += 1
+            warn("milter-outbox", "the event outbox is full (broker down?): %d event(s) dropped", self.dropped)
+
+    def _run(self) -> None:
+        while True:
+            raw = self.queue.get()
+            if raw is None:
+                return
+            try:
+                self.producer.send(self.topic, value=raw, key=self.key(raw))
+            except Exception as exc:  # noqa: BLE001 - the mail went on; the event is lost, said once in a while
+                self.dropped += 1
+                warn("milter-produce", "could not produce an event (%s: %s)", type(exc).__name__, exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout)
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -502,8 +543,13 @@ def _milter(args) -> int:
     if env_release and env_release not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise SettingsError(f"STORMGUARD_MILTER_RELEASE_STORM_THREAD={env_release!r} is not a boolean (true/false)")
     args.release_storm_thread = args.release_storm_thread or env_release in ("1", "true", "yes", "on")
+    from stream_jobs.kafka.replay import ReplayError
+
     try:
         return asyncio.run(_serve(args, lists))
+    except ReplayError as exc:  # no broker at start: Postfix accepts without us meanwhile
+        print(f"stormguard: milter: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"stormguard: milter: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -535,11 +581,11 @@ async def _serve(args, lists: dict[str, int]) -> int:
             log.warning("state not loaded after %.0f s; listening anyway (fail open until it is)",
                         args.startup_timeout)
     decider = MilterDecider(book, lists, hold_threads=not args.no_thread_holds)
+    outbox = EventOutbox(producer, EVENTS_TOPIC, routing_key)
 
     def after(seen: MessageSeen, event: Optional[MailEvent], hold: Optional[Hold]) -> None:
         if event is not None and not args.no_events:
-            raw = encode_event(event)
-            producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
+            outbox.put(encode_event(event))
             decider.counts["events"] += 1
         if hold is not None:
             held.record(seen, event, hold)
@@ -568,6 +614,7 @@ async def _serve(args, lists: dict[str, int]) -> int:
             await admin.cleanup()
         for feed in feeds:
             await loop.run_in_executor(None, feed.stop)
+        await loop.run_in_executor(None, outbox.close)
         await loop.run_in_executor(None, lambda: producer.close(timeout=5))
         log.warning("milter stopped: %s", decider.counts)
     return 0
