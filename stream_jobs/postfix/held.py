@@ -37,6 +37,8 @@ from stream_jobs.settings import secret
 
 log = logging.getLogger("stormguard.milter")
 
+#: The past tense of each verb, for journals and answers.
+DONE = {"release": "released", "discard": "discarded"}
 #: Released messages scheduled one by one (``postqueue -i``) at most; more: ``postqueue -f`` once.
 MAX_ONE_BY_ONE = 200
 #: How often ended thread holds are looked for (seconds).
@@ -175,8 +177,8 @@ class HeldMail:
         now = time.time()
         for qid in ids + gone:  # mail no longer in the hold queue was released or deleted by hand
             self.entries.pop(qid, None)
-            self._append({"queue_id": qid, "state": verb + "d" if qid in ids else "gone", "at": now, "actor": actor})
-        result = {"list": address, "thread": thread, verb + "d": len(ids), "queue_ids": ids, "gone": len(gone)}
+            self._append({"queue_id": qid, "state": DONE[verb] if qid in ids else "gone", "at": now, "actor": actor})
+        result = {"list": address, "thread": thread, DONE[verb]: len(ids), "queue_ids": ids, "gone": len(gone)}
         if ids:
             self.publish(verb, address, thread, actor, f"{reason} ({len(ids)} message(s))", now)
             log.warning("%s %d held message(s) of %s%s: %s (%s)", "released" if verb == "release" else "discarded",
@@ -264,7 +266,7 @@ def mailman_bulk(url: str, user: str, password: Optional[str], address: str, ver
                 continue
         mlist.moderate_message(held.request_id, action)
         done.append(held.message_id)
-    return {"list": address, verb + "d": len(done), "message_ids": done, "not_in_thread": kept}
+    return {"list": address, DONE[verb]: len(done), "message_ids": done, "not_in_thread": kept}
 
 
 # -- the admin API ----------------------------------------------------------------------------------
@@ -350,8 +352,8 @@ async def serve_admin(listen: str, held: HeldMail, decider, server) -> Any:
                 secret("STORMGUARD_MAILMAN_PASSWORD"), address, verb, ids)
         except Exception as exc:  # noqa: BLE001 - Mailman's answer, passed on
             return web.json_response({"error": f"Mailman: {type(exc).__name__}: {exc}"}, status=502)
-        if result[verb + "d"]:
-            held.publish(verb, address, thread, actor, f"{reason} (Mailman: {result[verb + 'd']} post(s))",
+        if result[DONE[verb]]:
+            held.publish(verb, address, thread, actor, f"{reason} (Mailman: {result[DONE[verb]]} post(s))",
                          time.time())
         return web.json_response(result)
 
