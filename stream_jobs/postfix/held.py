@@ -199,7 +199,8 @@ class HeldMail:
     async def after_unfreeze(self, address: str) -> dict:
         """A list unfroze: release its held mail outside the storm thread; the storm's stays held (or not)."""
         storm = self.book.storm_thread(address)
-        entries = self.select(address)
+        # a post held before expansion (pre-send hold) waits for a moderator whatever the list does
+        entries = [e for e in self.select(address) if e["kind"] != "presend"]
         if storm is None:
             outside, inside = entries, []
         else:

@@ -66,6 +66,8 @@ class MessageSeen(msgspec.Struct, kw_only=True):
     sender: str = ""
     recipients: list[str] = []
     headers: dict[str, str] = {}
+    #: Its event was produced already (a pre-send hold waited for the worker's decision on it).
+    produced: bool = False
 
     def header(self, name: str) -> Optional[str]:
         return self.headers.get(name)
@@ -162,11 +164,45 @@ def hold_reason(hold: Hold) -> str:
     >>> hold_reason(Hold("thread", "all@nhs.net", "t0@x"))
     'Stormguard: reply into held thread <t0@x> of all@nhs.net'
     """
-    if hold.kind == "list":
+    if hold.kind == "presend":
+        why = (f"post <{hold.root}> to {hold.list} held before expansion: its reach is unprecedented "
+               "(a moderator releases or discards it)")
+    elif hold.kind == "list":
         why = f"list {hold.list} is frozen" + (f" (storm thread <{hold.root}>)" if hold.root else "")
     else:
         why = f"reply into held thread <{hold.root}> of {hold.list}"
     return DEFAULT_HOLD_TEXT.replace("{why}", why)
+
+
+class PreSendHold:
+    """Optional: hold a first post whose reach is unprecedented before it is expanded (off by default).
+
+    A post (not a reply) to a list of at least ``floor`` members is produced at once, and the milter
+    waits, up to ``wait`` seconds, for the worker's decision on it: if the worker holds its thread
+    (the post is anomalous: a list bigger than any posted to so far, or a bulletin posted to out of
+    character), the post itself is held, so not even the test message reaches 840,000 mailboxes.
+    The decision stays the core's; no answer in time delivers it (fail open).
+    """
+
+    def __init__(self, book: HoldBook, emit: Callable[[MailEvent], None], floor: int = 20_000, wait: float = 2.0):
+        self.book, self.emit, self.floor, self.wait = book, emit, floor, wait
+
+    def wants(self, event: Optional[MailEvent]) -> bool:
+        return event is not None and bool(event.lists) and not event.is_reply \
+            and max(event.lists.values()) >= self.floor
+
+    async def decide(self, event: MailEvent) -> Optional[Hold]:
+        self.emit(event)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        root = normalise_id(event.message_id)
+        while True:
+            for address in sorted(event.lists):
+                if self.book.thread_ids(address, root):
+                    return Hold("presend", address.strip().lower(), root)
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.01)
 
 
 # -- the protocol -------------------------------------------------------------------------------
@@ -181,8 +217,9 @@ class MilterServer:
 
     def __init__(self, decider: MilterDecider,
                  on_message: Optional[Callable[[MessageSeen, Optional[MailEvent], Optional[Hold]], None]] = None,
-                 idle_timeout: float = IDLE_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, presend: Optional[PreSendHold] = None):
         self.decider = decider
+        self.presend = presend
         self.on_message = on_message
         self.idle_timeout = idle_timeout
         self.server: Optional[asyncio.AbstractServer] = None
@@ -237,6 +274,17 @@ class MilterServer:
                     return
                 if isinstance(answer, tuple) and answer and answer[0] == "eom":
                     _, replies, event, hold, done = answer
+                    if hold is None and self.presend is not None and self.presend.wants(event):
+                        try:
+                            done.produced = True
+                            hold = await self.presend.decide(event)
+                        except Exception as exc:  # noqa: BLE001 - fail open: deliver
+                            self.decider.counts["errors"] += 1
+                            warn("milter-presend", "pre-send hold failed (%s: %s); delivering", type(exc).__name__,
+                                 exc)
+                        if hold is not None:
+                            self.decider.counts["held_presend"] = self.decider.counts.get("held_presend", 0) + 1
+                            replies = [m.Quarantine(hold_reason(hold)), m.Continue()]
                     send(*replies)
                     await writer.drain()
                     conn["seen"] = MessageSeen(queue_id="")
@@ -515,6 +563,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--release-storm-thread", action="store_true",
                    help="when a list unfreezes, release its storm thread's held replies too "
                         "(default: they stay held for a moderator; $STORMGUARD_MILTER_RELEASE_STORM_THREAD)")
+    p.add_argument("--pre-send-hold", action="store_true",
+                   help="hold a first post to a list of --pre-send-floor members or more when the worker finds it "
+                        "anomalous (unprecedented reach), before it is expanded; off by default")
+    p.add_argument("--pre-send-floor", type=int, default=20_000, metavar="MEMBERS",
+                   help="with --pre-send-hold: lists this big or bigger (default 20000)")
+    p.add_argument("--pre-send-wait", type=float, default=2.0, metavar="SECONDS",
+                   help="with --pre-send-hold: longest wait for the worker's decision; then deliver (default 2)")
     p.add_argument("--startup-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="wait this long for the list state and held threads before listening (default 10)")
     p.set_defaults(func=_milter)
@@ -583,15 +638,21 @@ async def _serve(args, lists: dict[str, int]) -> int:
     decider = MilterDecider(book, lists, hold_threads=not args.no_thread_holds)
     outbox = EventOutbox(producer, EVENTS_TOPIC, routing_key)
 
+    def emit(event: MailEvent) -> None:
+        outbox.put(encode_event(event))
+        decider.counts["events"] += 1
+
     def after(seen: MessageSeen, event: Optional[MailEvent], hold: Optional[Hold]) -> None:
-        if event is not None and not args.no_events:
+        if event is not None and not args.no_events and not seen.produced:
             outbox.put(encode_event(event))
             decider.counts["events"] += 1
         if hold is not None:
             held.record(seen, event, hold)
             log.info("held %s from=<%s> (%s)", seen.queue_id, seen.sender, hold_reason(hold))
 
-    server = MilterServer(decider, after)
+    presend = PreSendHold(book, emit, args.pre_send_floor, args.pre_send_wait) \
+        if args.pre_send_hold and not args.no_events else None
+    server = MilterServer(decider, after, presend=presend)
     sweeper = asyncio.ensure_future(sweep_forever(held))
     admin = None
     try:

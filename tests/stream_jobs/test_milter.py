@@ -204,3 +204,39 @@ def test_the_bench_measures_the_milter_decision_on_realistic_traffic():
     assert figures["events"] == 3_000 and figures["held_threads"] == 50
     assert figures["held"] > 0  # replies into the held threads and posts to the frozen lists were found
     assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+
+
+async def test_pre_send_hold_holds_an_unprecedented_post_when_the_worker_says_so_and_delivers_otherwise():
+    from kilter.protocol import messages as m
+
+    from stream_jobs.postfix.milter import PreSendHold
+
+    book = HoldBook()
+    produced, after = [], []
+
+    def emit(event):  # the worker, 50 ms later, finds the first post anomalous and holds its thread
+        produced.append(event.message_id)
+        if event.message_id == "<t0@nhs.net>":
+            asyncio.get_running_loop().call_later(0.05, book.hold_thread, LIST, held_thread(until=time.time() + 60))
+
+    server = MilterServer(MilterDecider(book, {LIST: 840_000, "team@nhs.net": 40}),
+                          lambda seen, event, hold: after.append((seen.produced, hold)),
+                          presend=PreSendHold(book, emit, floor=20_000, wait=0.5))
+    port = free_port()
+    await server.start(f"inet:127.0.0.1:{port}")
+    try:
+        mta = FakeMTAConnection(*await asyncio.open_connection("127.0.0.1", port))
+        await mta.send(m.Negotiate(6, m.ActionFlags.ALL, m.ProtocolFlags(0x1FFFFF)))
+        await mta.receive()
+        held = await _message(mta, "Q1", "consultant@nhs.net", [LIST], {"Message-ID": "<t0@nhs.net>", "Subject": "test"})
+        assert isinstance(held[0], m.Quarantine) and "held before expansion" in held[0].reason
+        # no decision within the wait: delivered (fail open); small lists and replies are never waited for
+        started = time.monotonic()
+        quiet = await _message(mta, "Q2", "comms@nhs.net", [LIST], {"Message-ID": "<news@nhs.net>", "Subject": "news"})
+        assert [type(r) for r in quiet] == [m.Continue] and time.monotonic() - started >= 0.5
+        team = await _message(mta, "Q3", "a@nhs.net", ["team@nhs.net"], {"Message-ID": "<tm@nhs.net>"})
+        assert [type(r) for r in team] == [m.Continue]
+        assert produced == ["<t0@nhs.net>", "<news@nhs.net>"]  # produced before the wait, once
+        assert [(p, h.kind if h else None) for p, h in after] == [(True, "presend"), (True, None), (False, None)]
+    finally:
+        server.server.close()
