@@ -199,8 +199,11 @@ class HeldMail:
     async def after_unfreeze(self, address: str) -> dict:
         """A list unfroze: release its held mail outside the storm thread; the storm's stays held (or not)."""
         storm = self.book.storm_thread(address)
-        # a post held before expansion (pre-send hold) waits for a moderator whatever the list does
-        entries = [e for e in self.select(address) if e["kind"] != "presend"]
+        now = time.time()
+        # a post held before expansion (pre-send hold) waits for a moderator whatever the list does, and a
+        # reply into another thread whose hold still runs stays held until that hold ends (the sweep)
+        entries = [e for e in self.select(address) if e["kind"] != "presend"
+                   and self.book.decide([address], e.get("refs", ()), now) is None]
         if storm is None:
             outside, inside = entries, []
         else:
@@ -217,6 +220,12 @@ class HeldMail:
             log.warning("list %s unfrozen: %d held repl(ies) into the storm thread <%s> stay held for a moderator "
                         "(POST /api/holds/release or /discard)", address, len(inside), storm[0])
         return result
+
+    async def reconcile(self) -> None:
+        """At start-up, once the topics are read: lists unfrozen while the milter was away release their mail."""
+        for address in sorted({e["list"] for e in self.entries.values() if e["kind"] == "list"}):
+            if not self.book.frozen(address, time.time()):
+                await self.after_unfreeze(address)
 
     async def sweep(self, now: Optional[float] = None) -> int:
         """Release what thread holds held when the hold ended without a freeze; returns how many."""

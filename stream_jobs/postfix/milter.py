@@ -624,8 +624,12 @@ async def _serve(args, lists: dict[str, int]) -> int:
     held = HeldMail(args.state_dir, Postfix(args.postfix_config), book, producer=producer,
                     actions_topic=ACTIONS_TOPIC, release_storm_thread=args.release_storm_thread)
 
+    started = False
+
     def unfrozen(address: str) -> None:
-        loop.create_task(held.after_unfreeze(address))
+        # while the topics are first read, an old unfreeze is history: reconcile() looks at the end state
+        if started:
+            loop.create_task(held.after_unfreeze(address))
 
     lists_in = _TopicIntoBook(loop, list_state_applier(book, unfrozen), book.frozen_lists)
     threads_in = _TopicIntoBook(loop, thread_watch_applier(book), lambda: book.threads())
@@ -635,6 +639,8 @@ async def _serve(args, lists: dict[str, int]) -> int:
         if not await loop.run_in_executor(None, source.ready.wait, args.startup_timeout):
             log.warning("state not loaded after %.0f s; listening anyway (fail open until it is)",
                         args.startup_timeout)
+    started = True
+    loop.create_task(held.reconcile())
     decider = MilterDecider(book, lists, hold_threads=not args.no_thread_holds)
     outbox = EventOutbox(producer, EVENTS_TOPIC, routing_key)
 
