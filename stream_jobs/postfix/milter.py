@@ -633,8 +633,10 @@ async def _serve(args, lists: dict[str, int]) -> int:
 
     lists_in = _TopicIntoBook(loop, list_state_applier(book, unfrozen), book.frozen_lists)
     threads_in = _TopicIntoBook(loop, thread_watch_applier(book), lambda: book.threads())
-    feeds = [KafkaStateFeed(lists_in, args.broker, LIST_STATE_TOPIC).start(),
-             KafkaStateFeed(threads_in, args.broker, THREAD_WATCH_TOPIC).start()]
+    # A hold must bite within about 100 ms of the worker's decision: a short fetch long-poll bounds the wait
+    # on a broker that answers only when the long-poll ends (the embedded one); a real Kafka answers at once.
+    feeds = [KafkaStateFeed(lists_in, args.broker, LIST_STATE_TOPIC, poll_ms=100, fetch_max_wait_ms=50).start(),
+             KafkaStateFeed(threads_in, args.broker, THREAD_WATCH_TOPIC, poll_ms=100, fetch_max_wait_ms=50).start()]
     for source in (lists_in, threads_in):
         if not await loop.run_in_executor(None, source.ready.wait, args.startup_timeout):
             log.warning("state not loaded after %.0f s; listening anyway (fail open until it is)",
