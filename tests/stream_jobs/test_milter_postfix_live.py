@@ -160,3 +160,47 @@ def test_milter_holds_the_storm_thread_before_its_first_reply_all(broker, start_
         for child in children:
             child.stop()
         mta.stop()
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_pre_send_hold_keeps_an_unprecedented_post_from_being_expanded(broker, start_worker, tmp_path):
+    """--pre-send-hold: the test message itself waits in the hold queue, unexpanded, until a moderator acts."""
+    start_worker(broker.url, env={"STORMGUARD_WARMUP_EVENTS": "0", "STORMGUARD_NEW_LIST_MIN_MEMBERS": "500"})
+    milter_port, admin_port = free_port(), free_port()
+    mta = MilterPostfix(milter_port)
+    children: list[_Child] = []
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        mta.start()
+        milter = _Child(["-v", "milter", "--listen", f"inet:127.0.0.1:{milter_port}", "--broker", broker.url,
+                         "--lists", str(mta.virtual), "--state-dir", str(tmp_path / "milter"),
+                         "--postfix-config", str(mta.conf), "--admin-listen", f"127.0.0.1:{admin_port}",
+                         "--pre-send-hold", "--pre-send-floor", "500", "--pre-send-wait", "20"],
+                        tmp_path / "milter.log", env={"STORMGUARD_ADMIN_TOKEN": TOKEN})
+        children.append(milter)
+        wait_for(lambda: _port_open(milter_port) or not milter.alive(), 30, "the milter")
+        assert milter.alive(), milter.log()
+        mta.send("dave@example.test", ["team@lists.example.test"], "lunch?", "<small@example.test>")  # 2 members
+        mta.send("alice@example.test", [LIST], "Test message", "<root@example.test>")
+        held = wait_for(lambda: mta.held(), 60, f"the post in the hold queue\n{milter.log()}")
+        (post,) = held.values()
+        assert post["sender"] == "alice@example.test" and len(post["recipients"]) == MEMBERS  # held, not delivered
+        root = _queue_id(mta, "<root@example.test>")
+        assert f"{root}: milter-hold: END-OF-MESSAGE" in mta.log() and f"{root}: to=<user0" not in mta.log()
+        wait_for(lambda: "to=<user1@members.example.test>, orig_to=<team@lists.example.test>" in mta.log(), 30,
+                 "the small list's post")
+        # its event went out before the hold (the worker decided on it), and only once
+        ids = [json.loads(r.value)["message_id"] for r in read_topic(broker.bootstrap, "mail.events", timeout=3)]
+        assert ids.count("<root@example.test>") == 1 and "<small@example.test>" in ids
+        summary = http_json(admin + "/api/holds")[1]["held"]
+        assert summary == [{"list": LIST, "thread": "<root@example.test>", "held": 1}]
+        # nothing releases it by itself; a moderator does
+        code, result = http_json(admin + "/api/holds/release", "POST",
+                                 {"list": LIST, "thread": "<root@example.test>", "actor": "comms",
+                                  "reason": "a real announcement"}, token=TOKEN)
+        assert code == 200 and result["released"] == 1, result
+        wait_for(lambda: f"{root}: to=<user0@members.example.test>" in mta.log(), 30, "the released post")
+    finally:
+        for child in children:
+            child.stop()
+        mta.stop()
