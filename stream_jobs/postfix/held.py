@@ -302,7 +302,8 @@ async def serve_admin(listen: str, held: HeldMail, decider, server) -> Any:
 
     async def healthz(request):
         return web.json_response({"status": "ok", "counts": decider.counts, "frozen": book.frozen_lists(time.time()),
-                                  "held": len(held.entries), "threads": len(book.threads())})
+                                  "held": len(held.entries), "threads": len(book.threads()),
+                                  "decide_ms": server.decide_ms() if server is not None else None})
 
     async def holds(request):
         return web.json_response({"frozen": book.frozen_lists(time.time()), "threads": book.threads(),

@@ -36,6 +36,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections import deque
 from email.header import decode_header, make_header
 from typing import Callable, List, Optional
 
@@ -126,8 +127,8 @@ class MilterDecider:
         self.lists = lists
         self.clock = clock
         self.hold_threads = hold_threads
-        self.counts = {"messages": 0, "held_list": 0, "held_thread": 0, "events": 0, "list_distributions": 0,
-                       "errors": 0}
+        self.counts = {"messages": 0, "held_list": 0, "held_thread": 0, "held_presend": 0, "events": 0,
+                       "list_distributions": 0, "errors": 0}
 
     def event(self, seen: MessageSeen, now: float) -> MailEvent:
         recipients = list(dict.fromkeys(r for r in seen.recipients if r)) or ["undisclosed-recipients"]
@@ -223,8 +224,8 @@ class MilterServer:
         self.on_message = on_message
         self.idle_timeout = idle_timeout
         self.server: Optional[asyncio.AbstractServer] = None
-        #: seconds spent deciding each message (protocol excluded), for the bench and /healthz
-        self.decide_seconds: list[float] = []
+        #: seconds spent deciding each of the latest messages (protocol excluded), for /healthz
+        self.decide_seconds: "deque[float]" = deque(maxlen=10_000)
 
     async def start(self, listen: str) -> asyncio.AbstractServer:
         kind, where = parse_listen(listen)
@@ -283,7 +284,7 @@ class MilterServer:
                             warn("milter-presend", "pre-send hold failed (%s: %s); delivering", type(exc).__name__,
                                  exc)
                         if hold is not None:
-                            self.decider.counts["held_presend"] = self.decider.counts.get("held_presend", 0) + 1
+                            self.decider.counts["held_presend"] += 1
                             replies = [m.Quarantine(hold_reason(hold)), m.Continue()]
                     send(*replies)
                     await writer.drain()
@@ -361,9 +362,7 @@ class MilterServer:
             except Exception as exc:  # noqa: BLE001 - fail open: deliver
                 self.decider.counts["errors"] += 1
                 warn("milter-decide", "milter decision failed (%s: %s); delivering", type(exc).__name__, exc)
-            elapsed = time.perf_counter() - started
-            if len(self.decide_seconds) < 100_000:
-                self.decide_seconds.append(elapsed)
+            self.decide_seconds.append(time.perf_counter() - started)
             return ("eom", replies, event, hold, seen)
         if isinstance(message, m.Abort):
             macros.pop("i", None)
@@ -373,6 +372,14 @@ class MilterServer:
             return "close"
         # Connect, Helo, Data, EndOfHeaders, Body, Unknown: whatever was not skipped, continue
         return self._continue(message, conn)
+
+    def decide_ms(self) -> dict:
+        """p50 and p99 of the latest decisions, in milliseconds (for /healthz)."""
+        got = sorted(self.decide_seconds)
+        if not got:
+            return {"p50": None, "p99": None, "of": 0}
+        return {"p50": round(got[len(got) // 2] * 1000, 4), "p99": round(got[min(len(got) - 1, int(0.99 * len(got)))]
+                                                                        * 1000, 4), "of": len(got)}
 
     @staticmethod
     def _continue(message, conn: dict):

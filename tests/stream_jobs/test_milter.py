@@ -240,3 +240,30 @@ async def test_pre_send_hold_holds_an_unprecedented_post_when_the_worker_says_so
         assert [(p, h.kind if h else None) for p, h in after] == [(True, "presend"), (True, None), (False, None)]
     finally:
         server.server.close()
+
+
+def test_releases_and_discards_are_actions_that_webhooks_leave_to_the_actions_topic():
+    from detectors.policy import decode_action, encode_action
+    from stream_jobs.actions.sinks.alertmanager import WebhookSink
+    from stream_jobs.actions.sinks.http import HttpSink
+
+    release = Action(kind="release", list=LIST, sender=None, event_time=5.0, detector="operator", score=0.0,
+                     message_id="<t0@nhs.net>", reason="harmless (2 message(s))", actor="alice",
+                     thread=held_thread(until=None))
+    assert decode_action(encode_action(release)) == release
+    hook = WebhookSink("http://127.0.0.1:1/hook", "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    assert not hook.accepts(release) and hook.accepts(msgspec_replace(release, kind="freeze"))
+    assert HttpSink("http://127.0.0.1:1/{kind}", kinds=["release", "discard"]).accepts(release)
+
+
+def msgspec_replace(action, **kw):
+    import msgspec
+
+    return msgspec.structs.replace(action, **kw)
+
+
+def test_healthz_figures_of_the_latest_decisions():
+    server = MilterServer(MilterDecider(HoldBook(), {}))
+    assert server.decide_ms() == {"p50": None, "p99": None, "of": 0}
+    server.decide_seconds.extend([0.0001] * 99 + [0.002])
+    assert server.decide_ms() == {"p50": 0.1, "p99": 2.0, "of": 100}

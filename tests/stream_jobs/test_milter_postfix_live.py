@@ -108,6 +108,9 @@ def test_milter_holds_the_storm_thread_before_its_first_reply_all(broker, start_
         wait_for(lambda: f"{rota}: to=<user0@members.example.test>, orig_to=<{LIST}>" in mta.log(), 30,
                  "the delivery of the other thread's post to the list")
         assert f"{_queue_id(mta, '<reply1@example.test>')}: milter-hold: END-OF-MESSAGE" in mta.log()
+        health = http_json(admin + "/healthz")[1]
+        assert health["counts"]["held_thread"] == 1 and health["counts"]["errors"] == 0
+        assert health["decide_ms"]["of"] >= 4 and health["decide_ms"]["p99"] > 0
         # the held reply is still an event: the worker freezes the list on it (reply-all to an anomalous post)
         status = wait_for(lambda: (s := worker.get(f"/api/lists/{LIST}"))["frozen"] and s, 60,
                           f"the freeze\n{worker.tail()}")
