@@ -192,10 +192,6 @@ class WebhookSink(Sink):
             await self._session.close()
             self._session = None
 
-    def accepts(self, action: Action) -> bool:
-        # decisions only: releases and discards of held mail (stormguard milter) stay on stormguard.actions
-        return action.kind in ("alert", "freeze", "unfreeze")
-
     def _starts_at(self, action: Action) -> Optional[float]:
         fp = fingerprint(action)
         if action.kind == "freeze":
