@@ -72,10 +72,14 @@ class Hold(NamedTuple):
 
 
 class _Watch:
-    __slots__ = ("list", "root", "ids", "until")
+    __slots__ = ("list", "root", "ids", "until", "storm")
 
     def __init__(self, address: str, root: str, ids: set[str], until: Optional[float]):
-        self.list, self.root, self.ids, self.until = address, root, ids, until
+        self.list, self.root, self.ids = address, root, ids
+        #: when a timed hold (an anomalous post's) ends; None: there is none
+        self.until = until
+        #: a storm's thread (named by a freeze): held while its list is frozen
+        self.storm = until is None
 
 
 class HoldBook:
@@ -120,9 +124,10 @@ class HoldBook:
             watch = self._watches[(address, root)] = _Watch(address, root, set(), hold.until)
             if len(self._watches) > self.max_watches:
                 self._forget_ended()
+        elif hold.until is None:  # the freeze names the thread: a storm's too, and its timed hold still runs
+            watch.storm = True
         else:
-            # a storm's hold (no end of its own) outlasts an anomalous post's; two timed holds: the later end
-            watch.until = None if hold.until is None or watch.until is None else max(hold.until, watch.until)
+            watch.until = hold.until if watch.until is None else max(hold.until, watch.until)
         for mid in ids - watch.ids:
             self._by_id.setdefault(mid, []).append(watch)
         watch.ids |= ids

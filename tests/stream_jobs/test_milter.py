@@ -267,3 +267,16 @@ def test_healthz_figures_of_the_latest_decisions():
     assert server.decide_ms() == {"p50": None, "p99": None, "of": 0}
     server.decide_seconds.extend([0.0001] * 99 + [0.002])
     assert server.decide_ms() == {"p50": 0.1, "p99": 2.0, "of": 100}
+
+
+def test_a_freeze_naming_the_thread_does_not_end_its_running_hold_before_the_list_state_arrives():
+    """The worker publishes list-state and thread-watch on two topics: the milter may read the freeze's thread
+    record before the freeze itself; the anomalous post's hold must keep holding meanwhile."""
+    book = HoldBook()
+    book.hold_thread(LIST, held_thread(until=300.0))                         # the anomalous post's alert
+    book.hold_thread(LIST, held_thread(until=None, ids=["<t0@nhs.net>", "<r1@nhs.net>"]))  # the freeze's record
+    assert book.decide([LIST], ["<t0@nhs.net>"], 20.0).kind == "thread"      # list-state not read yet: still held
+    assert book.storm_thread(LIST)[0] == "t0@nhs.net"
+    assert book.decide([LIST], ["<t0@nhs.net>"], 300.0) is None               # past its end, only a freeze holds
+    book.freeze(LIST)
+    assert book.decide([LIST], ["<r1@nhs.net>"], 400.0) == ("list", LIST, "t0@nhs.net")
