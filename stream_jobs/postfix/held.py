@@ -127,6 +127,11 @@ class HeldMail:
                     self.entries[entry["queue_id"]] = entry
                 else:
                     self.entries.pop(entry.get("queue_id"), None)
+        # compacted at each start: what is still held, nothing of what was released or discarded
+        fresh = self.path.with_suffix(".tmp")
+        with open(fresh, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(e, separators=(",", ":")) + "\n" for e in self.entries.values())
+        os.replace(fresh, self.path)
 
     def _append(self, entry: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:

@@ -280,3 +280,22 @@ def test_a_freeze_naming_the_thread_does_not_end_its_running_hold_before_the_lis
     assert book.decide([LIST], ["<t0@nhs.net>"], 300.0) is None               # past its end, only a freeze holds
     book.freeze(LIST)
     assert book.decide([LIST], ["<r1@nhs.net>"], 400.0) == ("list", LIST, "t0@nhs.net")
+
+
+def test_the_hold_journal_survives_a_restart_and_is_compacted(tmp_path):
+    from stream_jobs.postfix.held import HeldMail, Postfix
+    from stream_jobs.postfix.milter import MessageSeen
+    from detectors.holds import Hold
+
+    book = HoldBook()
+    held = HeldMail(str(tmp_path), Postfix(), book)
+    for q, refs in (("Q1", "<t0@nhs.net>"), ("Q2", "<r1@nhs.net> <t0@nhs.net>"), ("Q3", "<other@nhs.net>")):
+        seen = MessageSeen(queue_id=q, sender="a@nhs.net", recipients=[LIST], headers={"references": refs})
+        held.record(seen, None, Hold("thread" if q != "Q3" else "list", LIST, "t0@nhs.net" if q != "Q3" else None))
+    held._append({"queue_id": "Q2", "state": "released", "at": 1.0, "actor": "alice"})
+    again = HeldMail(str(tmp_path), Postfix(), book)
+    assert sorted(again.entries) == ["Q1", "Q3"]
+    assert len((tmp_path / "holds.jsonl").read_text().splitlines()) == 2
+    assert [e["queue_id"] for e in again.select(LIST, "<t0@nhs.net>")] == ["Q1"]
+    assert again.summary() == [{"list": LIST, "thread": None, "held": 1}, {"list": LIST, "thread": "<t0@nhs.net>",
+                                                                          "held": 1}]
