@@ -71,7 +71,7 @@ import msgspec
 
 from detectors.baselines import ReplyVelocity, SenderFanout
 from detectors.events import InvalidEvent, MailEvent, parse_event
-from detectors.policy import Action, PolicyConfig
+from detectors.policy import Action, PolicyConfig, ThreadHold
 
 #: Threads remembered per list (the newest win).
 MAX_THREADS_PER_LIST = 64
@@ -79,6 +79,8 @@ MAX_THREADS_PER_LIST = 64
 FREEZE_CAP_MARK = "(max_freezes_per_hour)"
 #: Message-ids remembered per list, to follow In-Reply-To chains to their root.
 MAX_MESSAGES_PER_LIST = 256
+#: Message-ids a thread hold names at most (the first post's first, then the newest replies known).
+MAX_HELD_IDS = 64
 #: Distinct posters remembered per list.
 MAX_POSTERS_PER_LIST = 32
 #: Threads without replies assumed before any are seen, when judging whether a list is open.
@@ -387,13 +389,19 @@ class StormDetector:
             if len(state.threads) > MAX_THREADS_PER_LIST:
                 state.threads.popitem(last=False)
             if anomalous:
+                # Its first reply-all would freeze the list (within this window): a gateway that can hold a
+                # thread (stormguard milter) holds them all, so not even that one is delivered.
+                hold = None if address in cfg.allow_lists else ThreadHold(
+                    root=event.message_id, ids=[event.message_id],
+                    until=t + (cfg.velocity_window if established else cfg.anomalous_reply_window))
                 why = ("a list never seen before" if never_seen else
                        "a sender who never posts to lists" if sender.list_posts == 0 else
                        "a sender never seen before" if sender.n == 0 else
                        f"reach {fanout_z:.1f} sd past this sender's habit")
-                yield self._action("alert", address, event, "fanout", fanout_z,
-                                   f"post to {members} members of a bulletin-like list from {why}"
-                                   if not never_seen else f"post to {members} members of {why}")
+                alert = self._action("alert", address, event, "fanout", fanout_z,
+                                     f"post to {members} members of a bulletin-like list from {why}"
+                                     if not never_seen else f"post to {members} members of {why}")
+                yield alert if hold is None else msgspec.structs.replace(alert, thread=hold)
             return
 
         # A reply-all to the list.
@@ -447,7 +455,7 @@ class StormDetector:
             pass
         elif thread.anomalous and elapsed <= (cfg.velocity_window if established else cfg.anomalous_reply_window):
             velocity.hold(t)
-            yield from self._freeze(state, event, "reply_to_anomalous_post", float(n),
+            yield from self._freeze(state, event, thread_key, thread, "reply_to_anomalous_post", float(n),
                                     f"reply-all #{thread.replies} to an anomalous post reaching {members} members")
             return
         elif n >= need and n > upper and harm >= (cfg.harm_deliveries if need == cfg.min_replies
@@ -457,7 +465,7 @@ class StormDetector:
             # a storm is one post answered by many, and the harm that counts is that post's: two short
             # threads at once on a 342-member list (five reply-alls in the hour) are a busy hour
             velocity.hold(t)
-            yield from self._freeze(state, event, "reply_velocity", n / max(upper, 1.0),
+            yield from self._freeze(state, event, thread_key, thread, "reply_velocity", n / max(upper, 1.0),
                                     f"{n} reply-alls in {cfg.velocity_window / 60:.0f} min (norm <= {upper:.1f}) "
                                     f"caused {harm} deliveries to {members} members"
                                     + ("" if closed else " of a discussion list" if open_list else
@@ -465,21 +473,21 @@ class StormDetector:
             return
         elif slow:
             velocity.hold(t)
-            yield from self._freeze(state, event, "thread_replies", float(thread.replies),
+            yield from self._freeze(state, event, thread_key, thread, "thread_replies", float(thread.replies),
                                     f"{thread.replies} reply-alls to one post on a bulletin-like list in "
                                     f"{(t - thread.root_time) / 60:.0f} min caused "
                                     f"{thread.replies * members} deliveries to {members} members")
             return
         elif burst:
             velocity.hold(t)
-            yield from self._freeze(state, event, "reply_fan_in", float(thread.direct),
+            yield from self._freeze(state, event, thread_key, thread, "reply_fan_in", float(thread.direct),
                                     f"{thread.direct} different people reply-all to the post itself within "
                                     f"{elapsed:.0f} s of it, to {members} members of a list without a learned "
                                     "norm yet")
             return
         elif cold_harm:
             velocity.hold(t)
-            yield from self._freeze(state, event, "reply_fan_in", float(thread.replies),
+            yield from self._freeze(state, event, thread_key, thread, "reply_fan_in", float(thread.replies),
                                     f"{thread.replies} different people reply-all to one post to {members} "
                                     f"members within {elapsed / 60:.0f} min of it: {thread.replies * members} "
                                     "deliveries on a list without a learned norm yet")
@@ -492,8 +500,8 @@ class StormDetector:
                                f"to {members} members")
 
     # -- freezes -----------------------------------------------------------------
-    def _freeze(self, state: ListState, event: MailEvent, detector: str, score: float,
-                reason: str) -> Iterator[Action]:
+    def _freeze(self, state: ListState, event: MailEvent, thread_key: str, thread: _Thread, detector: str,
+                score: float, reason: str) -> Iterator[Action]:
         cfg = self.config
         t = event.event_time
         if self._history:  # history is learned from, never acted on
@@ -509,7 +517,10 @@ class StormDetector:
         state.frozen_since, state.frozen_reason, state.frozen_actor = t, reason, "stormguard"
         self._frozen[state.address] = state
         self._set_until(state, t + cfg.cooldown)
-        yield self._action("freeze", state.address, event, detector, score, reason)
+        # the storm's thread: held with the list, and kept apart from the rest when the list is released
+        yield msgspec.structs.replace(self._action("freeze", state.address, event, detector, score, reason),
+                                      thread=ThreadHold(root=thread.root_id or event.in_reply_to or event.message_id,
+                                                        ids=_thread_ids(state, thread_key, thread)))
 
     def _set_until(self, state: ListState, until: float) -> None:
         state.frozen_until = until
@@ -598,6 +609,13 @@ class StormDetector:
                 reason: str) -> Action:
         return Action(kind=kind, list=address, sender=event.sender, event_time=event.event_time,
                       detector=detector, score=round(float(score), 4), message_id=event.message_id, reason=reason)
+
+
+def _thread_ids(state: ListState, key: str, thread: _Thread) -> list[str]:
+    """The message-ids of one thread that the list still remembers, its first post's first."""
+    ids = [thread.root_id] if thread.root_id else []
+    ids += [mid for mid, k in state.message_threads.items() if k == key and mid != thread.root_id]
+    return ids if len(ids) <= MAX_HELD_IDS else ids[:1] + ids[1 - MAX_HELD_IDS:]
 
 
 class Outcome(msgspec.Struct, frozen=True):

@@ -13,7 +13,26 @@ from typing import Literal, Optional
 
 import msgspec
 
-ActionKind = Literal["alert", "freeze", "unfreeze"]
+#: ``alert``, ``freeze`` and ``unfreeze`` are the detectors' and operators' decisions; ``release`` and
+#: ``discard`` are what became of held mail (``stormguard milter``'s releases, by thread or by list).
+ActionKind = Literal["alert", "freeze", "unfreeze", "release", "discard"]
+
+
+class ThreadHold(msgspec.Struct, frozen=True, kw_only=True):
+    """A thread whose reply-alls gateways hold before delivery (``stormguard milter``).
+
+    Carried by the alert on an anomalous first post (its replies are held until ``until``: the
+    first of them would freeze the list, so none needs to be delivered) and by a freeze (the
+    storm's thread, held while the list is frozen and kept apart when it is released).
+    """
+
+    #: Message-id of the thread's first post.
+    root: str
+    #: Message-ids of the thread known so far, the first post's first: a message to the list that
+    #: names any of them in In-Reply-To or References replies into the thread.
+    ids: list[str]
+    #: Epoch seconds (event time) when the hold ends; None: while the list stays frozen.
+    until: Optional[float] = None
 
 
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -154,6 +173,9 @@ class Action(msgspec.Struct, kw_only=True):
     #: holds anything because of it. Not part of ``action_id``: a shadow decision and an enforced
     #: one are the same decision.
     enforced: bool = True
+    #: The thread gateways hold (:class:`ThreadHold`), on an anomalous post's alert and on a freeze;
+    #: for releases and discards, the thread they concern. Not part of ``action_id``.
+    thread: Optional[ThreadHold] = None
 
     def __post_init__(self) -> None:
         if not self.action_id:

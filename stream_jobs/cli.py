@@ -22,6 +22,7 @@ EXTENSIONS: list[str] = [
     "stream_jobs.actions.deliver",
     "stream_jobs.postfix.ingest",
     "stream_jobs.postfix.policy",
+    "stream_jobs.postfix.milter",
     "stream_jobs.evaluation.simulate",
     "stream_jobs.evaluation.evaluate",
 ]

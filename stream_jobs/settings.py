@@ -21,6 +21,8 @@ EVENTS_TOPIC = "mail.events"
 DLQ_TOPIC = "mail.events.dlq"
 ACTIONS_TOPIC = "stormguard.actions"
 LIST_STATE_TOPIC = "stormguard.list-state"
+#: Threads whose replies gateways hold (compacted, keyed ``<list> <root message-id>``): ``stormguard milter``.
+THREAD_WATCH_TOPIC = "stormguard.thread-watch"
 #: Operators' freeze/unfreeze commands from the admin API, applied in stream order.
 COMMANDS_TOPIC = "stormguard.commands"
 

@@ -14,7 +14,10 @@ ROOT=$(CDPATH= cd -- "$(dirname -- "$0")/../.." && pwd)
 VENV=${MAILMAN_VENV:-$ROOT/.venv-mailman}
 PYTHON=${PYTHON:-python3}
 VERSION=${MAILMAN_VERSION:-3.3.10}
-STAMP="$VENV/.installed-mailman-$VERSION"
+# Mailman 3.3.10's held-message queries (REST .../held) fail with SQLAlchemy 2.1 ("FROM expression
+# expected, got Select"): keep it on the 2.0 series it was released against.
+SQLALCHEMY=${MAILMAN_SQLALCHEMY:-SQLAlchemy>=2.0,<2.1}
+STAMP="$VENV/.installed-mailman-$VERSION-sqlalchemy-2.0"
 
 if [ -f "$STAMP" ] && [ -x "$VENV/bin/mailman" ]; then
     exit 0
@@ -29,7 +32,7 @@ printf '*\n' > "$VENV/.gitignore"
 
 log="$VENV/install.log"
 if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input \
-        "mailman==$VERSION" >"$log" 2>&1; then
+        "mailman==$VERSION" "$SQLALCHEMY" >"$log" 2>&1; then
     echo "mailman: pip install mailman==$VERSION failed; see $log" >&2
     tail -n 20 "$log" >&2
     exit 1

@@ -592,6 +592,11 @@ class Bench:
         say("bench: offline scoring (in-process and CLI)")
         tp["offline_score"], tp["offline_score_cli"] = self.offline(records)
 
+        say("bench: the milter's decision per message (in-process)")
+        from stream_jobs.bench.milter import milter_decisions
+
+        results["milter"] = milter_decisions(records)
+
         say("bench: memory per tracked sender and list (tracemalloc)")
         results["memory"] = memory(a.memory_senders, a.memory_lists, a.memory_busy_lists)
 

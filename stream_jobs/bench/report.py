@@ -22,6 +22,8 @@ RATIOS: dict[str, tuple[str, str]] = {
     # Scoring while `stormguard deliver` retries against a webhook receiver and a Grafana that are down.
     "worker_sinks_down_vs_worker": ("throughput.worker_sinks_down.events_per_s", "throughput.worker.events_per_s"),
     "offline_vs_worker": ("throughput.offline_score.events_per_s", "throughput.worker.events_per_s"),
+    # The milter's decision per message (event + hold lookup) against scoring one event offline, per CPU-second.
+    "milter_decide_vs_offline_score_per_cpu": ("milter.events_per_cpu_s", "throughput.offline_score.events_per_cpu_s"),
     "offline_cli_vs_in_process": ("throughput.offline_score_cli.events_per_s",
                                   "throughput.offline_score.events_per_s"),
     # The same comparisons per CPU-second the consumers burnt: steadier on a shared machine.
@@ -95,6 +97,9 @@ def table(r: dict) -> str:
             f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms frozen; "
             f"frozen on reply-all #: {lat['frozen_on_reply']}; backlog when production stopped "
             f"{lat['backlog_when_production_stopped']:,} events)",
+            f"milter decision per message (event + hold lookup, in-process): p50 {r['milter']['p50_ms']:.3f} ms, "
+            f"p99 {r['milter']['p99_ms']:.3f} ms, max {r['milter']['max_ms']:.1f} ms "
+            f"({r['milter']['events_per_cpu_s']:,.0f} decisions per CPU-s; {r['milter']['held']:,} held)",
             f"worker start-up to /healthz 200: median {st['median_s']:.2f} s "
             f"(min {st['min_s']:.2f}, max {st['max_s']:.2f}, {len(st['samples_s'])} samples)",
             f"state: {mem['bytes_per_sender']:.0f} B per sender, {mem['bytes_per_list']:.0f} B per list (one post), "

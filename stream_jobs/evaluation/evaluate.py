@@ -1,8 +1,9 @@
 """``stormguard evaluate``: Stormguard against Exchange's rule and a static threshold.
 
-Each storm scenario is run in a closed loop five times, from the same seed:
+Each storm scenario is run in a closed loop six times, from the same seed:
 with no protection (the storm as it was), with Stormguard as the gateway's
-decision maker, with Exchange Online's reply-all rule at its documented default
+decision maker (list freezes), with Stormguard and ``stormguard milter`` in the
+gateway (thread hold: replies into a thread Stormguard holds are held too), with Exchange Online's reply-all rule at its documented default
 (10 reply-alls to 2,500+ recipients) and at its tightest setting (5 to 1,000+),
 and with a static list rate limit (:mod:`detectors.peers`). Because the simulated storm only
 grows from delivered messages, every run is the unstopped one pruned where its
@@ -124,6 +125,7 @@ def evaluate_storm(sc: Scenario, config: Optional[PolicyConfig] = None, live_gat
     gws = make_gateways(config)
     if live_gateway is not None:
         gws["stormguard"] = live_gateway
+        gws.pop("thread-hold")  # the live run sends Stormguard's gateway only
     guards = {"unstopped": GuardResult("unstopped", None, sum(1 for r in open_run.storm_log if r[3]),
                                        sum(1 for r in open_run.storm_log if r[3]), unstopped, 0, 0.0, 0, 0,
                                        _curve(open_run, t0))}
@@ -145,6 +147,9 @@ class BenignResult:
     freezes: dict[str, int]
     alerts: dict[str, int]
     frozen_lists: dict[str, list[str]]
+    #: Benign messages the thread-hold gateway held because they replied into a held thread (every one
+    #: held needlessly: a moderator releases it, or ``stormguard milter`` does when the hold ends).
+    thread_held: int = 0
 
 
 def evaluate_benign(sc: Scenario, config: Optional[PolicyConfig] = None) -> BenignResult:
@@ -162,7 +167,8 @@ def evaluate_benign(sc: Scenario, config: Optional[PolicyConfig] = None) -> Beni
     return BenignResult(sc.name, sc.description, run.events, list_posts, len(lists),
                         {n: len(g.freezes()) for n, g in gws.items()},
                         {n: len(g.alerts()) for n, g in gws.items()},
-                        {n: sorted({str(k) for _, k in g.freezes()})[:20] for n, g in gws.items()})
+                        {n: sorted({str(k) for _, k in g.freezes()})[:20] for n, g in gws.items()},
+                        getattr(gws.get("thread-hold"), "thread_held", 0))
 
 
 # -- the whole evaluation --------------------------------------------------------------------------

@@ -5,6 +5,8 @@ gateway; one of these decides for it:
 
 * :class:`OpenGateway` delivers everything (the storm as it was, unstopped);
 * :class:`StormguardGateway` runs the detectors in-process, exactly as ``stormguard score`` does;
+* :class:`ThreadHoldGateway` is the same with ``stormguard milter`` in the gateway: it also holds
+  the replies into a thread that Stormguard's decisions hold (an anomalous first post's; a storm's);
 * :class:`PeerGateway` runs a peer rule (:mod:`detectors.peers`: Exchange's, a static threshold);
 * :class:`FanGateway` feeds several at once and delivers everything (benign runs);
 * :class:`LiveGateway` produces every message to a broker and holds posts to the lists a running
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 
 from detectors.engine import StormDetector
 from detectors.events import InvalidEvent, MailEvent, encode_event
+from detectors.holds import HoldBook
 from detectors.peers import ExchangeReplyAllRule, StaticThresholdRule
 from detectors.policy import Action, PolicyConfig, decode_action
 from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
@@ -84,6 +87,38 @@ class StormguardGateway:
         return [(a.event_time, a.list) for a in self.actions if a.kind == "alert"]
 
 
+class ThreadHoldGateway(StormguardGateway):
+    """Stormguard with a milter in the gateway: holds posts to frozen lists and replies into held threads.
+
+    The decisions are the same detector's (held messages are still submitted, and scored, as the milter
+    produces an event for every message it sees); only the gateway holds more: what
+    :class:`detectors.holds.HoldBook` says, the milter's own lookup.
+    """
+
+    name = "thread-hold"
+
+    def __init__(self, config: Optional[PolicyConfig] = None):
+        super().__init__(config)
+        self.book = HoldBook()
+        #: Messages held because they replied into a held thread (the list itself not frozen).
+        self.thread_held = 0
+
+    def submit(self, event: MailEvent) -> bool:
+        hold = self.book.decide(event.lists, [event.in_reply_to] if event.in_reply_to else [], event.event_time) \
+            if event.lists else None
+        if hold is not None and hold.kind == "thread":
+            self.thread_held += 1
+        try:
+            actions = self.detector.process(event)
+        except InvalidEvent:
+            self.invalid += 1
+            return hold is None
+        for a in actions:
+            self.actions.append(a)
+            self.book.apply(a)
+        return hold is None
+
+
 class PeerGateway:
     """The gateway with a peer rule (:mod:`detectors.peers`) deciding."""
 
@@ -114,7 +149,7 @@ class FanGateway:
 
 
 def make_gateways(config: Optional[PolicyConfig] = None) -> dict[str, Any]:
-    return {"stormguard": StormguardGateway(config), "exchange": PeerGateway(ExchangeReplyAllRule()),
+    return {"stormguard": StormguardGateway(config), "thread-hold": ThreadHoldGateway(config), "exchange": PeerGateway(ExchangeReplyAllRule()),
             "exchange-tight": PeerGateway(ExchangeReplyAllRule.tightest()),
             "static": PeerGateway(StaticThresholdRule())}
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-GUARDS = ("stormguard", "exchange", "exchange-tight", "static")
-LABELS = {"unstopped": "no protection", "stormguard": "Stormguard",
+GUARDS = ("stormguard", "thread-hold", "exchange", "exchange-tight", "static")
+LABELS = {"unstopped": "no protection", "stormguard": "Stormguard (list freeze)",
+          "thread-hold": "Stormguard + milter (thread hold)",
           "exchange": "Exchange default rule (10 reply-alls, 2,500+ recipients)",
           "exchange-tight": "Exchange tightest setting (5 reply-alls, 1,000+ recipients)",
           "static": "static threshold (20/h)"}
-COLOURS = {"unstopped": "#999999", "stormguard": "#1b7837", "exchange": "#d6604d", "exchange-tight": "#f4a582",
+COLOURS = {"unstopped": "#999999", "stormguard": "#1b7837", "thread-hold": "#762a83", "exchange": "#d6604d", "exchange-tight": "#f4a582",
            "static": "#4393c3"}
 
 
@@ -103,11 +104,13 @@ def storm_rows(result: dict) -> list[str]:
 
 
 def benign_rows(result: dict) -> list[str]:
-    rows = ["| traffic | events | list posts | lists | Stormguard freezes | Stormguard alerts | Exchange blocks "
-            "(default / tightest) | static freezes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| traffic | events | list posts | lists | Stormguard freezes | Stormguard alerts | replies held by a "
+            "thread hold | Exchange blocks (default / tightest) | static freezes |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in result["benign"]:
         rows.append(f"| {b['name']} | {b['events']:,} | {b['list_posts']:,} | {b['lists']} | "
-                    f"{b['freezes']['stormguard']} | {b['alerts']['stormguard']} | {b['freezes']['exchange']} / "
+                    f"{b['freezes']['stormguard']} | {b['alerts']['stormguard']} | {b.get('thread_held', '-')} | "
+                    f"{b['freezes']['exchange']} / "
                     f"{b['freezes'].get('exchange-tight', '-')} | {b['freezes']['static']} |")
     return rows
 
@@ -124,6 +127,11 @@ def summary_table(result: dict) -> str:
                      + f"{sg.get('prevented_pct', 0):6.2f}% / {ex.get('prevented_pct', 0):6.2f}% / "
                      f"{et.get('prevented_pct', 0):6.2f}%"
                      + ("" if s["passed"] else "   (criterion missed)" if s["passed"] is False else ""))
+    for s in result["storms"]:
+        th = s["guards"].get("thread-hold")
+        if th is not None:
+            lines.append(f"{s['scenario']:22} thread hold (milter): {th['replies_delivered']} reply-alls delivered, "
+                         f"{th['prevented_pct']:6.2f}% prevented")
     for b in result["benign"]:
         lines.append(f"{b['name']:22} benign: {b['freezes']['stormguard']} Stormguard freezes, "
                      f"{b['alerts']['stormguard']} alerts, {b['freezes']['exchange']} / "
@@ -145,8 +153,9 @@ def seeds_markdown(result: dict) -> str:
           "freeze (– : never frozen), seed by seed, and the limit: 1 where the first post is anomalous, 3 with "
           "history, 5 at a cold start.", "",
           "| scenario | start | limit | Stormguard, seed by seed | worst | met | Stormguard false freezes "
-          "| Exchange default: median (never) | Exchange tightest: median (never) |",
-          "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+          "| thread hold: reply-alls delivered, worst | Exchange default: median (never) "
+          "| Exchange tightest: median (never) |",
+          "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
 
     def median(xs: list) -> str:
         got = sorted(x for x in xs if x is not None)
@@ -166,16 +175,18 @@ def seeds_markdown(result: dict) -> str:
         met = sum(bool(s["passed"]) for s in storms)
         worst = "never" if None in sg else max(sg)
         false = sum(s["guards"]["stormguard"]["false_freezes"] for s in storms)
+        held = [s["guards"]["thread-hold"]["replies_delivered"] for s in storms if "thread-hold" in s["guards"]]
         md.append(f"| {name} | {'cold' if storms[0].get('cold') else 'history'} | {limit} | {_seed_cells(sg)} | "
-                  f"{worst} | {met}/{len(storms)} | {false} | {peers[0]} | {peers[1]} |")
+                  f"{worst} | {met}/{len(storms)} | {false} | {max(held) if held else '-'} | {peers[0]} | "
+                  f"{peers[1]} |")
     md += ["", "Benign traffic, freezes seed by seed (every one a false freeze):", "",
-           "| traffic | Stormguard, seed by seed | total | Stormguard alerts (total) | Exchange default / tightest "
-           "(total) | static (total) |", "|---|---|---:|---:|---:|---:|"]
+           "| traffic | Stormguard, seed by seed | total | Stormguard alerts (total) | replies held by a thread hold "
+           "(total) | Exchange default / tightest (total) | static (total) |", "|---|---|---:|---:|---:|---:|---:|"]
     for name in dict.fromkeys(b["name"] for run in runs for b in run["benign"]):
         bs = [b for run in runs for b in run["benign"] if b["name"] == name]
         sg = [b["freezes"]["stormguard"] for b in bs]
         md.append(f"| {name} | {_seed_cells(sg)} | **{sum(sg)}** | {sum(b['alerts']['stormguard'] for b in bs)} | "
-                  f"{sum(b['freezes']['exchange'] for b in bs)} / "
+                  f"{sum(b.get('thread_held', 0) for b in bs)} | {sum(b['freezes']['exchange'] for b in bs)} / "
                   f"{sum(b['freezes'].get('exchange-tight', 0) for b in bs)} | "
                   f"{sum(b['freezes']['static'] for b in bs)} |")
     frozen = sorted({(b["name"], run["seed"], lst) for run in runs for b in run["benign"]
@@ -193,7 +204,9 @@ def write_report(result: dict, directory: Path) -> Path:
     md = ["# Stormguard evaluation", "",
           f"Mode: {result['mode']}; seed {result['seed']}; {result['seconds']} s to run. Generated by "
           "`stormguard evaluate`. Times are event time; a freeze holds every later post to the list "
-          "(the triggering reply-all itself was already delivered). Exchange's rule blocks the storm's thread "
+          "(the triggering reply-all itself was already delivered). The thread hold is the same decisions with "
+          "`stormguard milter` in the gateway: replies into a thread Stormguard holds (an anomalous first post's, "
+          "a storm's) are held too, the triggering reply-all included. Exchange's rule blocks the storm's thread "
           "once 10 reply-alls to 2,500+ recipients arrive within 60 minutes (its documented default; its "
           "tightest setting: 5 reply-alls to 1,000+); the static rule freezes a list "
           "of 100+ members after more than 20 reply-alls within 60 minutes.", "",

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
-                                  by_list_topic, changelog_topics)
+                                  THREAD_WATCH_TOPIC, by_list_topic, changelog_topics)
 
 log = logging.getLogger("stormguard.serve")
 
@@ -22,7 +22,7 @@ def ensure_topics(broker: str, partitions: int, app_id: str = "stormguard") -> i
     An existing ``mail.events`` decides the partition count of everything the worker makes
     (``partitions`` is only used to create it). A topic that exists and cannot agree (a changelog,
     the by-list topic or the commands topic with another partition count, a ``stormguard.list-state``
-    that is not compacted) raises :class:`TopicMismatch`, naming the topic, what it has, what it
+    or ``stormguard.thread-watch`` that is not compacted) raises :class:`TopicMismatch`, naming the topic, what it has, what it
     needs and the command that fixes it. A broker that cannot be reached or refuses to create topics
     is only warned about: the worker tries anyway.
     """
@@ -61,26 +61,28 @@ def ensure_topics(broker: str, partitions: int, app_id: str = "stormguard") -> i
             problems.append(f"topic {name} has {have} partition(s); Stormguard needs {n}, the partitions of "
                             f"{EVENTS_TOPIC}, so that each list is scored and remembered on one worker. "
                             f"Fix: {fix} ({what})")
-        if LIST_STATE_TOPIC in existing:
+        for compacted in (LIST_STATE_TOPIC, THREAD_WATCH_TOPIC):
+            if compacted not in existing:
+                continue
             try:
-                configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, LIST_STATE_TOPIC)])
-                policy = _config_value(configs, LIST_STATE_TOPIC, "cleanup.policy")
+                configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, compacted)])
+                policy = _config_value(configs, compacted, "cleanup.policy")
             except KafkaError as exc:
                 policy = None
-                log.warning("cannot read the configuration of %s (%s)", LIST_STATE_TOPIC, exc)
+                log.warning("cannot read the configuration of %s (%s)", compacted, exc)
             if policy is None:
                 log.warning("the broker does not say whether %s is compacted; it must be "
-                            "(cleanup.policy=compact), or old freezes vanish from it", LIST_STATE_TOPIC)
+                            "(cleanup.policy=compact), or old records vanish from it", compacted)
             elif "compact" not in policy:
                 problems.append(
-                    f"topic {LIST_STATE_TOPIC} has cleanup.policy={policy}; Stormguard needs compact, so that "
-                    "every list's current state stays readable however old it is. Fix: kafka-configs.sh "
-                    f"--bootstrap-server {bootstrap} --alter --entity-type topics --entity-name "
-                    f"{LIST_STATE_TOPIC} --add-config cleanup.policy=compact")
+                    f"topic {compacted} has cleanup.policy={policy}; Stormguard needs compact, so that "
+                    "every list's (or thread's) current state stays readable however old it is. Fix: "
+                    f"kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name "
+                    f"{compacted} --add-config cleanup.policy=compact")
         if problems:
             raise TopicMismatch("\n".join(problems))
         wanted = {EVENTS_TOPIC: {}, DLQ_TOPIC: {}, ACTIONS_TOPIC: {}, COMMANDS_TOPIC: {}, by_list_topic(app_id): {},
-                  LIST_STATE_TOPIC: {"cleanup.policy": "compact"}}
+                  LIST_STATE_TOPIC: {"cleanup.policy": "compact"}, THREAD_WATCH_TOPIC: {"cleanup.policy": "compact"}}
         new = [NewTopic(name, n, 1, topic_configs=cfg) for name, cfg in wanted.items() if name not in existing]
         if new:
             try:

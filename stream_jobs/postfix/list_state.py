@@ -111,8 +111,10 @@ class KafkaStateFeed:
     """
 
     def __init__(self, states: ListStates, broker: Optional[str], topic: str = LIST_STATE_TOPIC,
-                 poll_ms: int = 200):
+                 poll_ms: int = 200, **consumer_options):
         self.states, self.broker, self.topic, self.poll_ms = states, broker, topic, poll_ms
+        #: extra KafkaConsumer settings (the milter shortens the fetch long-poll)
+        self.consumer_options = consumer_options
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="list-state-feed", daemon=True)
 
@@ -144,7 +146,7 @@ class KafkaStateFeed:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers(self.broker), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
                                  client_id="stormguard-policy", allow_auto_create_topics=False,
-                                 bootstrap_timeout_ms=5000, **kafka_security())
+                                 bootstrap_timeout_ms=5000, **kafka_security(), **self.consumer_options)
         try:
             partitions = None
             while not self._stop.is_set():

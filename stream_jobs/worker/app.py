@@ -41,7 +41,7 @@ from stream_jobs import metrics
 from stream_jobs.worker.event_order import EventTimeScheduler
 from stream_jobs.worker.faust_tuning import RawSchema, StormguardApp
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
-                                  WorkerSettings, by_list_topic, secret)
+                                  THREAD_WATCH_TOPIC, WorkerSettings, by_list_topic, secret)
 
 log = logging.getLogger("stormguard.worker")
 
@@ -89,6 +89,7 @@ class StormguardWorker:
         self.dlq_topic = app.topic(DLQ_TOPIC, partitions=settings.partitions, schema=RawSchema())
         self.actions_topic = app.topic(ACTIONS_TOPIC, partitions=settings.partitions, schema=RawSchema())
         self.list_state_topic = app.topic(LIST_STATE_TOPIC, partitions=settings.partitions, schema=RawSchema())
+        self.thread_watch_topic = app.topic(THREAD_WATCH_TOPIC, partitions=settings.partitions, schema=RawSchema())
         self.commands_topic = app.topic(COMMANDS_TOPIC, partitions=settings.partitions, schema=RawSchema())
 
         #: Every list's freeze state, changelog-backed: a restarted worker keeps every freeze.
@@ -308,6 +309,10 @@ class StormguardWorker:
             status = self.detector.list_status(action.list)
             self.list_state[action.list] = msgspec.structs.asdict(status)
             await self.list_state_topic.send(key=key, value=self._status_encoder.encode(status))
+        if action.enforced and action.thread is not None and action.list:
+            # before the action itself: a gateway that holds threads (stormguard milter) follows this topic
+            await self.thread_watch_topic.send(key=f"{action.list} {action.thread.root}".encode(),
+                                               value=thread_watch_record(action))
         await self.actions_topic.send(key=key, value=encode_action(action))
 
     async def dead_letter(self, event, reason: str) -> None:
@@ -591,6 +596,25 @@ def dead_letter_envelope(raw: bytes, reason: str, source: dict, max_bytes: int) 
     envelope["raw_base64"] = base64.b64encode(raw[:keep]).decode()
     envelope["raw_truncated"] = keep < len(raw)
     return msgspec.json.encode(envelope)
+
+
+def thread_watch_record(action: Action) -> bytes:
+    """The ``stormguard.thread-watch`` record of an action that holds a thread.
+
+    >>> from detectors.policy import ThreadHold
+    >>> a = Action(kind="alert", list="all@nhs.net", sender="x@nhs.net", event_time=10.0, detector="fanout",
+    ...            score=9.0, message_id="<t0@x>", reason="r", thread=ThreadHold(root="<t0@x>", ids=["<t0@x>"],
+    ...            until=310.0))
+    >>> r = msgspec.json.decode(thread_watch_record(a))
+    >>> r["list"], r["root"], r["ids"], r["until"], r["storm"]
+    ('all@nhs.net', '<t0@x>', ['<t0@x>'], 310.0, False)
+    """
+    thread = action.thread
+    assert thread is not None and action.list
+    return msgspec.json.encode({"list": action.list, "root": thread.root, "ids": thread.ids, "until": thread.until,
+                                "since": action.event_time, "storm": action.kind == "freeze",
+                                "detector": action.detector, "reason": action.reason, "actor": action.actor,
+                                "action_id": action.action_id})
 
 
 def _record_time(event) -> Optional[float]:

@@ -154,6 +154,11 @@ def test_startup_and_memory_figures(results):
     assert mem["senders"] > 0 and mem["lists"] > 0 and mem["busy_lists"] > 0
     assert mem["bytes_per_busy_list"] > mem["bytes_per_list"]  # full buffers cost more than one post
 
+    milter = results["milter"]  # the milter's decision per message (issue 17)
+    assert milter["events"] == results["events"]["count"] and milter["held"] > 0
+    assert 0 < milter["p50_ms"] <= milter["p99_ms"] <= milter["max_ms"]
+    assert "milter_decide_vs_offline_score_per_cpu" in results["ratios"]
+
     m = results["machine"]
     assert m["cpus"] >= 1 and m["python"] and m["cpu_model"] is not None
     assert _positive(results["duration_s"])

@@ -54,7 +54,8 @@ def test_json_and_report_with_plots(nhsmail, small_org, tmp_path):
     benign = evaluate_benign(scenario("benign-week", 2, 1.0, sample=0.05))
     result = json.loads(json.dumps(to_json([nhsmail, small_org], [benign], 1, 1.0)))
     assert result["storms"][0]["guards"]["stormguard"]["replies_delivered_before_freeze"] == 1
-    assert result["benign"][0]["freezes"] == {"stormguard": 0, "exchange": 0, "exchange-tight": 0, "static": 0}
+    assert result["benign"][0]["freezes"] == {"stormguard": 0, "thread-hold": 0, "exchange": 0, "exchange-tight": 0,
+                                            "static": 0}
     curve = result["storms"][0]["curves"]["unstopped"]
     assert curve[-1][1] == result["storms"][0]["unstopped_deliveries"]
     report = write_report(result, tmp_path)
@@ -182,3 +183,12 @@ def test_seed_lists():
     assert _seed_list("0-19") == list(range(20)) and _seed_list("3,1,3") == [3, 1]
     with pytest.raises(Exception):
         _seed_list("a-b")
+
+
+def test_thread_hold_delivers_no_reply_all_on_nhsmail(nhsmail):
+    """With the milter holding the anomalous post's thread, the first reply-all is held too (issue 17)."""
+    sg, th = nhsmail.guards["stormguard"], nhsmail.guards["thread-hold"]
+    assert th.replies_delivered == 0 and th.replies_delivered_before_freeze == 0
+    assert th.freeze_after_s == sg.freeze_after_s  # the same decisions: only the gateway holds more
+    assert th.prevented > sg.prevented and th.deliveries == 840_000  # the test message itself, nothing else
+    assert th.false_freezes == 0

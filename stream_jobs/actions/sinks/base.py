@@ -80,7 +80,7 @@ class Sink:
 
     def accepts(self, action: Action) -> bool:
         """Whether this sink has anything to do for ``action`` (others are skipped and committed)."""
-        return True
+        return action.kind in ("alert", "freeze", "unfreeze")  # decisions: releases/discards stay on the topic
 
     #: Whether the runner hands this sink the outbox's history (:meth:`recover`) before it delivers.
     recovers = False

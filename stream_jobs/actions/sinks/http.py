@@ -32,7 +32,7 @@ from stream_jobs.actions.sinks.base import Rejected, Sink, SinkError, retryable_
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 FIELDS = ("kind", "list", "sender", "event_time", "detector", "score", "message_id", "reason", "actor", "action_id",
           "frozen")
-KINDS = ("alert", "freeze", "unfreeze")
+KINDS = ("alert", "freeze", "unfreeze", "release", "discard")
 
 
 def action_fields(action: Action) -> dict[str, Any]:
@@ -111,7 +111,7 @@ class HttpSink(Sink):
                 raise SettingsError(f"STORMGUARD_HTTP_BODY is not valid JSON: {exc}") from None
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:
-            raise SettingsError(f"STORMGUARD_HTTP_KINDS: {', '.join(bad) or 'empty'}; use alert, freeze, unfreeze")
+            raise SettingsError(f"STORMGUARD_HTTP_KINDS: {', '.join(bad) or 'empty'}; use {', '.join(KINDS)}")
         self.kinds = frozenset(kinds)
         self.token = token
         self.timeout = timeout
