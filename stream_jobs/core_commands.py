@@ -58,7 +58,8 @@ def _settings(args) -> int:
 def _broker(args) -> int:
     from pathlib import Path
 
-    from stream_jobs.kafka.broker import BrokerError, run_foreground
+    from stream_jobs.kafka.broker import BrokerError
+    from stream_jobs.kafka.engines import run_foreground
 
     data_dir = args.data_dir or (".stormguard/kafka" if args.engine == "kafka" else None)
     try:

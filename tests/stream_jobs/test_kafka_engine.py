@@ -10,7 +10,8 @@ import time
 import pytest
 
 from stream_jobs.kafka.apache import KAFKA_VERSION, KafkaBroker
-from stream_jobs.kafka.broker import BrokerError, free_port, make_broker
+from stream_jobs.kafka.broker import BrokerError, free_port
+from stream_jobs.kafka.engines import make_broker
 from tests.conftest import ROOT, STORMGUARD, produce_lines, read_topic, wait_for
 
 
