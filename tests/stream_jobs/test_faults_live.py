@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import ROOT, STORMGUARD, produce_lines, read_topic, wait_for
 from tests.scenarios import T0, background, bulletin_storm, lines
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.both_brokers]
 
 
 def metric(worker, name: str) -> float:
