@@ -84,9 +84,10 @@ def test_message_max_bytes_is_honoured_end_to_end(tmp_path, start_worker):
                                                "STORMGUARD_DLQ_MAX_BYTES": "150000"})
         # replay: one record over the broker's limit is refused with a clear error; the others go in
         big_post = storm(T0, "all@nhs.net", "big", replies=0)[0]
-        big_post["subject"] = "test " + "x" * 100_000       # accepted by the broker and scored
+        big_post["recipients"] += [f"person{i:05d}@members.nhs.net" for i in range(4000)]  # 124 kB: scored
         not_json = b"<" + b"x" * 160_000 + b">"             # accepted by the broker, dead-lettered
-        too_big = json.dumps({**big_post, "message_id": "huge", "subject": "y" * 250_000}).encode()
+        too_big = json.dumps({**big_post, "message_id": "huge",
+                              "recipients": big_post["recipients"] * 2}).encode()  # 248 kB: refused
         path = tmp_path / "events.jsonl"
         path.write_bytes(b"\n".join([json.dumps(big_post).encode(), too_big, not_json]) + b"\n")
         run = subprocess.run(STORMGUARD + ["replay", str(path), "--broker", broker.url, "--no-progress"],
