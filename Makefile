@@ -52,8 +52,10 @@ test: install
 test-fast: install
 	@$(PY) -m pytest -m "not live"
 
+# the same phases on both brokers: Tansu (bench-results.json), then Apache Kafka (bench-results-kafka.json)
 bench: install
-	@$(PY) -m stream_jobs.bench
+	@$(PY) -m stream_jobs.bench --engine tansu
+	@$(PY) -m stream_jobs.bench --engine kafka --out bench-results-kafka.json
 
 clean:
 	rm -rf $(VENV) .venv-mailman .pytest_cache .hypothesis .stormguard out .kafka

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -81,3 +82,14 @@ def test_stormguard_broker_engine_kafka_formats_once_and_stops_on_sigterm(tmp_pa
     assert run_once(b"second") == b"first second"
     wait_for(lambda: subprocess.run(["pgrep", "-f", f"{data}/server.properties"],
                                     capture_output=True).returncode == 1, 10, "the JVM to be gone")
+
+
+@pytest.mark.live
+def test_worker_refuses_a_session_timeout_the_broker_would_refuse(tmp_path):
+    with KafkaBroker(port=free_port(), data_dir=tmp_path / "kafka") as broker:
+        run = subprocess.run(STORMGUARD + ["run", "--broker", broker.url, "--web-port", str(free_port())], cwd=ROOT,
+                             env={**os.environ, "STORMGUARD_SESSION_TIMEOUT": "4", "STORMGUARD_DATA_DIR":
+                                  str(tmp_path / "data")}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "STORMGUARD_SESSION_TIMEOUT=4 s is below the broker's group.min.session.timeout.ms (6000 ms)" in run.stderr
+    assert "Fix: STORMGUARD_SESSION_TIMEOUT=6 or more" in run.stderr
