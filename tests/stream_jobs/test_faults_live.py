@@ -102,8 +102,11 @@ def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, star
     w1 = start_worker(broker.url, env=env)
     w2 = start_worker(broker.url, app_id=w1.app_id, env=env)
     produce_lines(broker.bootstrap, lines(before))
+    # generous: on a loaded machine a worker late with its heartbeats is put out of the group and
+    # rejoins (seen on Apache Kafka, whose coordinator holds the session timeout strictly)
     wait_for(lambda: metric(w1, "stormguard_events_processed_total")
-             + metric(w2, "stormguard_events_processed_total") >= len(before))
+             + metric(w2, "stormguard_events_processed_total") >= len(before), timeout=150.0,
+             what="both workers to score the background")
     # Kill whichever worker holds the storm's list (the only list here): the
     # other must adopt its model from the changelog and decide as it would have.
     # Past one commit interval (2.8 s): Faust writes table changelogs through a
@@ -115,7 +118,7 @@ def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, star
     assert metric(owner, "stormguard_tracked_lists") >= 1
     owner.kill()
     produce_lines(broker.bootstrap, lines(after))
-    wait_for(lambda: [a for a in live_actions(broker) if a["kind"] == "freeze"], timeout=60.0)
+    wait_for(lambda: [a for a in live_actions(broker) if a["kind"] == "freeze"], timeout=120.0)
     freezes = [a for a in live_actions(broker) if a["kind"] == "freeze"]
     assert [(a["list"], a["message_id"], a["detector"]) for a in freezes] == \
         [(a["list"], a["message_id"], a["detector"]) for a in expected]
