@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import pytest
 
 from stream_jobs.worker import processes
-from stream_jobs.kafka.broker import EmbeddedBroker, free_port
+from stream_jobs.kafka.broker import EmbeddedBroker
 from stream_jobs.kafka.engines import ENGINES, make_broker
 
 ROOT = Path(__file__).resolve().parents[1]
