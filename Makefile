@@ -4,13 +4,25 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
-# Debian packages the test suite runs for real (Prometheus, Alertmanager, Postfix; openssl makes test certificates).
-APT_PACKAGES := prometheus prometheus-alertmanager postfix openssl
+# Debian packages the test suite runs for real (Prometheus, Alertmanager, Postfix; openssl makes test
+# certificates; a JDK and Maven for Apache Kafka).
+APT_PACKAGES := prometheus prometheus-alertmanager postfix openssl openjdk-17-jre-headless maven
+# Apache Kafka's jars from Maven Central (deploy/kafka/pom.xml; the version of docker-compose.yml's image).
+KAFKA_VERSION := 3.9.0
+KAFKA_STAMP := .kafka/$(KAFKA_VERSION)/.installed
 
 .PHONY: install demo test test-fast bench clean apt
 
-install: $(STAMP) $(APT_STAMP)
+install: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP)
 	@PYTHON=$(PYTHON) sh deploy/mailman/install.sh
+
+$(KAFKA_STAMP): deploy/kafka/pom.xml $(APT_STAMP)
+	@echo "make: fetching Apache Kafka $(KAFKA_VERSION) from Maven Central into .kafka/ (one-off)"
+	@mkdir -p .kafka && mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies \
+	  -Dkafka.version=$(KAFKA_VERSION) >.kafka/mvn.log 2>&1 \
+	  || { cat .kafka/mvn.log; echo "make: fetching Apache Kafka failed"; exit 1; }
+	@test -f .kafka/$(KAFKA_VERSION)/kafka_2.13-$(KAFKA_VERSION).jar || { echo "make: no kafka_2.13 jar in .kafka/$(KAFKA_VERSION)"; exit 1; }
+	@touch $(KAFKA_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,8 +53,10 @@ test: install
 test-fast: install
 	@$(PY) -m pytest -m "not live"
 
+# the same phases on both brokers: Tansu (bench-results.json), then Apache Kafka (bench-results-kafka.json)
 bench: install
-	@$(PY) -m stream_jobs.bench
+	@$(PY) -m stream_jobs.bench --engine tansu
+	@$(PY) -m stream_jobs.bench --engine kafka --out bench-results-kafka.json
 
 clean:
-	rm -rf $(VENV) .venv-mailman .pytest_cache .hypothesis .stormguard out
+	rm -rf $(VENV) .venv-mailman .pytest_cache .hypothesis .stormguard out .kafka

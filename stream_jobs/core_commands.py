@@ -9,9 +9,14 @@ from stream_jobs.settings import EVENTS_TOPIC
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu) in the foreground")
+    p = sub.add_parser("broker", help="run a local broker in the foreground: Apache Kafka (KRaft, one node) "
+                                      "or the embedded Tansu")
+    p.add_argument("--engine", choices=("kafka", "tansu"), default="kafka",
+                   help="kafka: Apache Kafka, data kept in --data-dir (default); tansu: memory only, no JVM")
     p.add_argument("--port", type=int, default=9092, help="TCP port (default 9092)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--data-dir", help="kafka engine: where it keeps its data, formatted on first use "
+                                      "(default .stormguard/kafka)")
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("run", help="run the live worker (starts an embedded broker if none is given)")
@@ -51,10 +56,15 @@ def _settings(args) -> int:
 
 
 def _broker(args) -> int:
-    from stream_jobs.kafka.broker import BrokerError, run_foreground
+    from pathlib import Path
 
+    from stream_jobs.kafka.broker import BrokerError
+    from stream_jobs.kafka.engines import run_foreground
+
+    data_dir = args.data_dir or (".stormguard/kafka" if args.engine == "kafka" else None)
     try:
-        return run_foreground(args.port, args.host)
+        return run_foreground(args.port, args.host, engine=args.engine,
+                              data_dir=Path(data_dir) if data_dir else None)
     except BrokerError as exc:
         print(f"stormguard: {exc}", file=sys.stderr)
         return 1

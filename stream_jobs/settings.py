@@ -104,7 +104,7 @@ class WorkerSettings:
     app_id: str = "stormguard"
     partitions: int = 1
     data_dir: str = ".stormguard"
-    session_timeout: float = 4.0
+    session_timeout: float = 6.0
     heartbeat_interval: float = 0.5
     fetch_max_wait_ms: int = 30
     fast_drain: bool = True
@@ -276,8 +276,9 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "to start if one that exists already disagrees. More partitions let more workers share the load; events "
      "may be keyed by list, by sender or not at all"),
     ("STORMGUARD_DATA_DIR", ".stormguard", "Faust's local data directory"),
-    ("STORMGUARD_SESSION_TIMEOUT", "4.0", "Kafka group session (and rebalance) timeout in seconds: how fast a "
-     "worker joins, and how fast a survivor takes over a dead worker's partitions"),
+    ("STORMGUARD_SESSION_TIMEOUT", "6.0", "Kafka group session (and rebalance) timeout in seconds: how fast a "
+     "worker joins, and how fast a survivor takes over a dead worker's partitions. Apache Kafka refuses less than "
+     "its `group.min.session.timeout.ms` (6 s by default); the worker checks it at start and says so"),
     ("STORMGUARD_HEARTBEAT_INTERVAL", "0.5", "Kafka group heartbeat interval in seconds"),
     ("STORMGUARD_FETCH_MAX_WAIT_MS", "30", "longest fetch long-poll in milliseconds; bounds how long a new "
      "event can wait on a broker that does not answer long polls early (Tansu); an idle worker makes about "

@@ -13,7 +13,8 @@ from typing import Iterator, Optional
 import pytest
 
 from stream_jobs.worker import processes
-from stream_jobs.kafka.broker import EmbeddedBroker, free_port
+from stream_jobs.kafka.broker import EmbeddedBroker
+from stream_jobs.kafka.engines import ENGINES, make_broker
 
 ROOT = Path(__file__).resolve().parents[1]
 STORMGUARD = [sys.executable, "-m", "stream_jobs.cli"]
@@ -62,9 +63,25 @@ class WorkerProcess(processes.WorkerProcess):
         return body
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_brokers: the test runs on Apache Kafka and on Tansu "
+                                       "(the broker fixture is parametrized: -k kafka / -k tansu picks one)")
+
+
+def pytest_generate_tests(metafunc):
+    if "broker" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_brokers"):
+        metafunc.parametrize("broker", ENGINES, indirect=True)
+
+
 @pytest.fixture
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(port=free_port()) as b:
+def broker(request, tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A broker of its own for the test: Tansu, or each engine for a test marked ``both_brokers``.
+
+    Apache Kafka keeps its data and log under the test's ``tmp_path`` (``kafka/broker.log``).
+    """
+    engine = getattr(request, "param", "tansu")
+    b = make_broker(engine, data_dir=tmp_path / "kafka" if engine == "kafka" else None)
+    with b:
         yield b
 
 

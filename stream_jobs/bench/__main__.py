@@ -14,6 +14,8 @@ from stream_jobs.bench.report import say, table
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stream_jobs.bench", description=stream_jobs.bench.__doc__.split("\n\n")[0])
+    p.add_argument("--engine", choices=("tansu", "kafka"), default="tansu",
+                   help="the broker every phase runs on: tansu (embedded, default) or kafka (Apache Kafka, KRaft)")
     p.add_argument("--quick", action="store_true", help="a smaller run (for tests): 20,000 events, short phases")
     p.add_argument("--events", type=int, help="events in the pre-filled topic (default 100,000; quick 20,000)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of mail.events (default 4)")

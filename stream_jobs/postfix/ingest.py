@@ -553,17 +553,19 @@ def _ingest_postfix_log(args) -> int:
 
         close = lambda: None  # noqa: E731
     else:
-        from stream_jobs.kafka.replay import ReplayError, make_producer, routing_key
+        from stream_jobs.kafka.replay import Refusals, ReplayError, make_producer, routing_key
 
         try:
             producer = make_producer(args.broker)
         except ReplayError as exc:
             print(f"stormguard: {exc}", file=sys.stderr)
             return 1
+        # a message the broker refuses (too big) is said on stderr and counted; the log goes on
+        refusals = Refusals("stormguard ingest")
 
         def send(event: MailEvent) -> None:
             raw = encode_event(event)
-            producer.send(args.topic, value=raw, key=routing_key(raw))
+            refusals.send(producer, args.topic, raw, routing_key(raw), f"message {event.message_id}")
 
         def close() -> None:
             producer.flush()
@@ -598,4 +600,8 @@ def _ingest_postfix_log(args) -> int:
     finally:
         close()
     log.info("postfix-log: %s", parser.stats)
+    if not args.stdout and refusals.count:
+        print(f"stormguard ingest: {refusals.count} message(s) refused by the broker and not produced "
+              f"(the first: {refusals.first})", file=sys.stderr)
+        return 1
     return 0

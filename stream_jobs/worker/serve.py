@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Optional
 
-from stream_jobs.kafka.topics import TopicMismatch, ensure_topics
+from stream_jobs.kafka.topics import TopicMismatch, ensure_topics, session_timeout_problem
 from stream_jobs.settings import EVENTS_TOPIC, WorkerSettings, history_topic
 
 log = logging.getLogger("stormguard.serve")
@@ -132,6 +132,10 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
             partitions = ensure_topics(broker, settings.partitions, settings.app_id)
         except TopicMismatch as exc:
             print(f"stormguard: cannot start: {exc}", file=sys.stderr, flush=True)
+            return 2
+        problem = session_timeout_problem(broker, settings.session_timeout)
+        if problem:
+            print(f"stormguard: cannot start: {problem}", file=sys.stderr, flush=True)
             return 2
         # the app is built from the environment (below): it makes everything with this count
         os.environ["STORMGUARD_PARTITIONS"] = str(partitions)

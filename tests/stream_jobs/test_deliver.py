@@ -106,6 +106,7 @@ def storm_actions(lists: range, t: float, unfreeze_every: int = 3) -> list[Actio
 
 
 @pytest.mark.live
+@pytest.mark.both_brokers
 def test_receivers_down_during_a_storm_get_every_action_once_back(broker, start_deliver):
     """One webhook and Grafana down for the storm, another webhook up: nothing lost, nothing blocked."""
     create_topic(broker.bootstrap, ACTIONS_TOPIC, partitions=2)
@@ -181,6 +182,7 @@ def test_receivers_down_during_a_storm_get_every_action_once_back(broker, start_
 
 
 @pytest.mark.live
+@pytest.mark.both_brokers
 async def test_rejected_and_undecodable_actions_are_dead_lettered_and_delivery_moves_on(broker, tmp_path):
     """A receiver that refuses a request for good does not wedge the outbox (in-process Deliverer)."""
     from stream_jobs.actions.deliver import ACTIONS_DLQ_TOPIC, DeliverSettings, Deliverer
@@ -221,6 +223,7 @@ async def test_rejected_and_undecodable_actions_are_dead_lettered_and_delivery_m
 
 
 @pytest.mark.live
+@pytest.mark.both_brokers
 def test_storm_to_mailman_grafana_and_webhook_end_to_end(broker, start_worker, start_deliver, tmp_path):
     """mail.events → worker → stormguard.actions → deliver → a real Mailman list frozen, then released by an
     operator; the same incident shows as a Grafana region and a firing-then-resolved Alertmanager alert."""

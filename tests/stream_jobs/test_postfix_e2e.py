@@ -29,7 +29,7 @@ import pytest
 from stream_jobs.kafka.broker import free_port
 from tests.conftest import ROOT, STORMGUARD, read_topic, wait_for
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.both_brokers]
 
 POSTFIX = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
 POSTQUEUE = shutil.which("postqueue") or "/usr/sbin/postqueue"

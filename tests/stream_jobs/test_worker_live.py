@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT, STORMGUARD, http_json, produce_lines, read_topic, wait_for
 from tests.scenarios import BAD_RECORDS, T0, background, bulletin_storm, lines, nhsmail_storm
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.both_brokers]
 
 
 def _actions(broker) -> list[dict]:
