@@ -133,6 +133,13 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
         except TopicMismatch as exc:
             print(f"stormguard: cannot start: {exc}", file=sys.stderr, flush=True)
             return 2
+        if settings.exactly_once:
+            from stream_jobs.kafka.transactions import transactions_refusal
+
+            refusal = transactions_refusal(broker, settings.app_id)
+            if refusal:
+                print(f"stormguard: cannot start: {refusal}", file=sys.stderr, flush=True)
+                return 2
         # the app is built from the environment (below): it makes everything with this count
         os.environ["STORMGUARD_PARTITIONS"] = str(partitions)
         if settings.learn_history and not os.environ.get("STORMGUARD_LEARN_ONLY_UNTIL"):
