@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
 # Debian packages the test suite runs for real (Prometheus, Postfix; a JDK and Maven for Apache Kafka).
-APT_PACKAGES := prometheus postfix openjdk-17-jre-headless maven
+APT_PACKAGES := prometheus postfix openjdk-17-jre-headless maven openssl
 # Apache Kafka's jars from Maven Central (deploy/kafka/pom.xml; the version of docker-compose.yml's image).
 KAFKA_VERSION := 3.9.0
 KAFKA_STAMP := .kafka/$(KAFKA_VERSION)/.installed

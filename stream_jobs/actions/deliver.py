@@ -507,7 +507,13 @@ class Deliverer:
 
 
 def run_deliver(broker: Optional[str] = None, web_port: Optional[int] = None) -> int:
+    from stream_jobs.kafka.preflight import refusal
+
     settings = DeliverSettings.from_env(broker=broker, web_port=web_port)
+    refused = refusal(settings.broker)  # aiokafka would retry a refused password or certificate for ever
+    if refused:
+        print(f"stormguard deliver: cannot start: {refused}", file=sys.stderr, flush=True)
+        return 2
     deliverer = Deliverer(sinks_from_env(), settings)
     try:
         asyncio.run(deliverer.run())

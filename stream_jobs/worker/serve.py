@@ -128,6 +128,12 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
         os.environ["STORMGUARD_WEB_PORT"] = str(web_port)
     try:
         settings = WorkerSettings.from_env()
+        from stream_jobs.kafka.preflight import refusal
+
+        refused = refusal(broker)  # Faust's client would retry a refused password or certificate for ever
+        if refused:
+            print(f"stormguard: cannot start: {refused}", file=sys.stderr, flush=True)
+            return 2
         try:
             partitions = ensure_topics(broker, settings.partitions, settings.app_id)
         except TopicMismatch as exc:
