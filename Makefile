@@ -53,7 +53,7 @@ test-fast: install
 	@$(PY) -m pytest -m "not live"
 
 bench: install
-	@$(PY) -m stream_jobs.bench
+	@$(PY) -m stream_jobs.bench --exactly-once
 
 clean:
 	rm -rf $(VENV) .venv-mailman .pytest_cache .hypothesis .stormguard out .kafka

@@ -65,13 +65,11 @@ def _check_one(host: str, port: int, settings, timeout: float) -> None:
         _authenticate(host, port, settings, timeout)
 
 
-def refusal(broker: Optional[str]) -> Optional[str]:
+def refusal(servers: list[str]) -> Optional[str]:
     """For long-running commands that ride out a broker outage: the reason to stop now (a TLS or SASL
     setting the broker refuses), or ``None`` (it answered, or it is only unreachable for now)."""
-    from stream_jobs.kafka.replay import bootstrap_servers
-
     try:
-        check_brokers(bootstrap_servers(broker))
+        check_brokers(servers)
     except BrokerRefused as exc:
         return str(exc)
     except BrokerUnreachable:

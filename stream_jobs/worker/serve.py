@@ -129,8 +129,9 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
     try:
         settings = WorkerSettings.from_env()
         from stream_jobs.kafka.preflight import refusal
+        from stream_jobs.kafka.replay import bootstrap_servers
 
-        refused = refusal(broker)  # Faust's client would retry a refused password or certificate for ever
+        refused = refusal(bootstrap_servers(broker))  # Faust's client would retry a refused password or certificate for ever
         if refused:
             print(f"stormguard: cannot start: {refused}", file=sys.stderr, flush=True)
             return 2
