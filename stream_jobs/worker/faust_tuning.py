@@ -29,6 +29,7 @@ import time
 from typing import Any, AsyncIterator, cast
 
 import faust
+from faust.exceptions import ProducerSendError
 from faust.streams import current_event
 from faust.transport.consumer import CONSUMER_FETCHING, TransactionManager
 from faust.transport.drivers import aiokafka as _faust_aiokafka
@@ -121,6 +122,10 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
 
 
+#: Longest wait, before a commit, for table writes still in Faust's producer buffer (seconds).
+UNSENT_WAIT_S = 30.0
+
+
 class SourceTransactions(TransactionManager):
     """Faust's exactly-once transaction manager, with each write in its source record's transaction.
 
@@ -143,22 +148,53 @@ class SourceTransactions(TransactionManager):
 
     async def send(self, topic, key, value, partition, timestamp, headers, *, transactional_id=None):
         event = current_event()
+        partition = self.consumer.key_partition(topic, key, partition)
         if event is not None:
             source = event.message
             group = self.app.assignor.group_for_topic(source.topic)
             transactional_id = f"{self.app.conf.id}-{group}-{source.partition}"
-            partition = self.consumer.key_partition(topic, key, partition)
-        elif topic in self.app.tables.changelog_topics:
-            return await super().send(topic, key, value, partition, timestamp, headers)
+        elif topic in self.app.tables.changelog_topics and partition is not None:
+            group = self.app.assignor.group_for_topic(topic)
+            transactional_id = f"{self.app.conf.id}-{group}-{partition}"
         else:
             transactional_id = None
+        if transactional_id is not None and transactional_id not in self.producer._transaction_producers:
+            # The partition moved to another worker in a rebalance: its transaction is gone (the new
+            # owner's producer fenced it) and the new owner redoes the work from the committed offsets.
+            # A failed write, not an exception: Faust's producer buffer task would die of one.
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(ProducerSendError(f"partition moved away: no transaction {transactional_id}"))
+            return failed
         return await self.producer.send(topic, key, value, partition, timestamp, headers,
                                         transactional_id=transactional_id)
+
+    #: The transactional ids this worker holds producers for (those of its active partitions).
+    held: frozenset = frozenset()
+
+    async def on_rebalance(self, assigned, revoked, newly_assigned) -> None:
+        """Stop the producers of every partition this worker no longer holds, and start fresh ones for those
+        it gains. Faust stops only those of ``revoked``, which misses partitions that moved away here: their
+        producers stayed, were fenced by the new owner, and were reused when the partitions came back (after
+        the other worker died), so nothing this worker wrote for them ever committed."""
+        now = frozenset(self._tps_to_transactional_ids(assigned))
+        gone, new = self.held - now, now - self.held
+        if gone:
+            self.log.info("Stopping %r transactional producer(s) of partitions moved away", len(gone))
+            await self._stop_transactions(sorted(gone))
+        if new:
+            self.log.info("Starting %r transactional producer(s) for %r assigned partitions", len(new),
+                          len(assigned))
+            await self._stop_transactions(sorted(new))  # a stale producer for this id was fenced: drop it
+            await self._start_transactions(sorted(new))
+        self.held = now
 
     async def commit(self, offsets, start_new_transaction: bool = True) -> bool:
         unsent = getattr(self.app, "unsent", None)
         if unsent:
-            await asyncio.wait(list(unsent), timeout=self.app.conf.producer_request_timeout)
+            _, late = await asyncio.wait(list(unsent), timeout=UNSENT_WAIT_S)
+            if late:
+                self.log.warning("committing with %d table write(s) not yet acknowledged after %.0f s",
+                                 len(late), UNSENT_WAIT_S)
         return await super().commit(offsets, start_new_transaction=start_new_transaction)
 
 

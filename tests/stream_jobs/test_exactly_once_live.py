@@ -142,3 +142,4 @@ def test_worker_refuses_exactly_once_on_a_broker_without_transactions(tmp_path):
     assert "STORMGUARD_EXACTLY_ONCE=true needs Kafka transactions" in run.stderr
     assert "does not honour them" in run.stderr and "--engine kafka" in run.stderr
     print(f"refused in {took:.1f} s")
+
