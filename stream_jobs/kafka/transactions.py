@@ -85,10 +85,17 @@ def _read_committed(servers, security, tp, marker: bytes, timeout: float, KafkaC
 
 def transactions_refusal(broker: str, app_id: str) -> Optional[str]:
     """``None`` if ``broker`` honours transactions, else the line ``stormguard run`` refuses to start with."""
+    import logging
+
+    from kafka.errors import KafkaError
+
     from stream_jobs.kafka.replay import bootstrap_servers, kafka_security
 
     try:
         check_transactions(bootstrap_servers(broker), kafka_security(), app_id)
+    except KafkaError as exc:  # e.g. no right to make the scratch topic: the transactions themselves will tell
+        logging.getLogger("stormguard.serve").warning(
+            "could not check that %s keeps Kafka transactions (%s); starting exactly-once anyway", broker, exc)
     except NoTransactions as exc:
         return (f"STORMGUARD_EXACTLY_ONCE=true needs Kafka transactions, and the broker at {broker} does not "
                 f"honour them: {exc}. The embedded Tansu broker has none; run Apache Kafka "
