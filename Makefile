@@ -56,7 +56,7 @@ test-fast: install
 # the same phases on both brokers: Tansu (bench-results.json), then Apache Kafka (bench-results-kafka.json)
 bench: install
 	@$(PY) -m stream_jobs.bench --engine tansu
-	@$(PY) -m stream_jobs.bench --engine kafka --out bench-results-kafka.json
+	@$(PY) -m stream_jobs.bench --engine kafka --exactly-once --out bench-results-kafka.json
 
 clean:
 	rm -rf $(VENV) .venv-mailman .pytest_cache .hypothesis .stormguard out .kafka

@@ -114,6 +114,7 @@ class WorkerSettings:
     enforce: bool = True
     learn_history: bool = True
     dlq_max_bytes: int = 900_000
+    exactly_once: bool = False
     crash_on_message_id: Optional[str] = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
@@ -145,6 +146,9 @@ class WorkerSettings:
             producer_linger_ms=0,
             # a dead-letter envelope always fits: dlq_max_bytes plus the record's key and headers
             producer_max_request_size=max(1_048_576, self.dlq_max_bytes + 65_536),
+            # Kafka transactions (worker/faust_tuning.py, SourceTransactions): actions, dead letters, list models
+            # and offsets of one partition commit together
+            processing_guarantee="exactly_once" if self.exactly_once else "at_least_once",
             **self.kafka_client_options(),
         )
 
@@ -237,6 +241,7 @@ class WorkerSettings:
             enforce=flag("STORMGUARD_ENFORCE", cls.enforce),
             learn_history=flag("STORMGUARD_LEARN_HISTORY", cls.learn_history),
             dlq_max_bytes=num("STORMGUARD_DLQ_MAX_BYTES", cls.dlq_max_bytes),
+            exactly_once=flag("STORMGUARD_EXACTLY_ONCE", cls.exactly_once),
             crash_on_message_id=env.get("STORMGUARD_CRASH_ON_MESSAGE_ID") or None,
             policy=policy_from_env(env),
             sasl_mechanism=env.get("STORMGUARD_KAFKA_SASL_MECHANISM") or None,
@@ -310,6 +315,12 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
     ("STORMGUARD_DLQ_MAX_BYTES", "900000", "largest dead-letter envelope in bytes; a record whose base64 copy "
      "would not fit keeps a prefix, with its length and SHA-256 (`raw_truncated: true`). Keep it under the "
      "broker's `message.max.bytes` (1 MiB by default)"),
+    ("STORMGUARD_EXACTLY_ONCE", "false", "`true`: Kafka transactions (Faust's `processing_guarantee=\"exactly_once\"`). "
+     "What the worker writes while scoring a partition's records (actions, dead letters, by-list shares, list "
+     "states and models) commits in one transaction with that partition's offsets, so after a crash "
+     "`stormguard.actions` read `read_committed` holds each decision once and no list model update is lost. "
+     "Needs a broker with transactions (Apache Kafka; the worker refuses to start on one without) and costs "
+     "throughput (`make bench`)"),
     ("STORMGUARD_CRASH_ON_MESSAGE_ID", "unset", "a drill: the scoring agent dies on the message with this id, "
      "so you can see `/healthz` turn 503 and your supervisor (systemd, Kubernetes, Compose) restart the worker. "
      "Never set it in production"),

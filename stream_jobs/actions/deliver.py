@@ -266,6 +266,8 @@ class SinkRunner:
         return AIOKafkaConsumer(
             self.topic, bootstrap_servers=self.bootstrap, group_id=self.group, client_id=f"stormguard-{self.group}",
             enable_auto_commit=False, auto_offset_reset=self.settings.start, metadata_max_age_ms=5000,
+            # an exactly-once worker's aborted writes are not actions (STORMGUARD_EXACTLY_ONCE)
+            isolation_level="read_committed",
             session_timeout_ms=int(self.settings.session_timeout * 1000),
             heartbeat_interval_ms=int(self.settings.heartbeat_interval * 1000),
             rebalance_timeout_ms=int(self.settings.session_timeout * 1000),
@@ -572,7 +574,14 @@ class Deliverer:
 
 
 def run_deliver(broker: Optional[str] = None, web_port: Optional[int] = None) -> int:
+    from stream_jobs.kafka.preflight import refusal
+    from stream_jobs.kafka.replay import bootstrap_servers
+
     settings = DeliverSettings.from_env(broker=broker, web_port=web_port)
+    refused = refusal(bootstrap_servers(settings.broker))  # aiokafka would retry a refused password or certificate for ever
+    if refused:
+        print(f"stormguard deliver: cannot start: {refused}", file=sys.stderr, flush=True)
+        return 2
     deliverer = Deliverer(sinks_from_env(), settings)
     try:
         asyncio.run(deliverer.run())

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "bench-results.json"), help="JSON results (default bench-results.json)")
     p.add_argument("--phase-timeout", type=float, default=300.0, help="give up on a throughput phase after this")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--exactly-once", action="store_true",
+                   help="also time the worker with STORMGUARD_EXACTLY_ONCE against at-least-once, on Apache Kafka")
     return p
 
 

@@ -288,9 +288,9 @@ class Bench:
         out["consumer"] = "stock Faust 0.15" if stock else "BatchDrainConsumer + RawSchema (as the worker)"
         return out
 
-    def run_workers(self, broker: EmbeddedBroker, total: int, n: int, desc: str) -> dict:
+    def run_workers(self, broker: EmbeddedBroker, total: int, n: int, desc: str, **extra: str) -> dict:
         app_id = f"sg-bench-x{n}-{uuid.uuid4().hex[:6]}"
-        procs = [self.worker(broker, app_id=app_id) for _ in range(n)]
+        procs = [self.worker(broker, app_id=app_id, **extra) for _ in range(n)]
         for p in procs:
             p.start()
         try:
@@ -341,6 +341,27 @@ class Bench:
                    what="events of mail.events scored per second (each list post's by-list share is a "
                         "record of its own: records_per_s counts those too)")
         return out
+
+    def run_exactly_once(self, records: list[bytes]) -> dict:
+        """What ``STORMGUARD_EXACTLY_ONCE`` costs: the worker at-least-once and exactly-once on the same
+        events, side by side, on Apache Kafka (the embedded broker has no transactions)."""
+        from stream_jobs.kafka.apache import KAFKA_VERSION
+        from stream_jobs.kafka.engines import make_broker
+
+        n = len(records)
+        broker = make_broker("kafka").start()
+        self.brokers.append(broker)
+        # a stock broker refuses group sessions under 6 s (group.min.session.timeout.ms)
+        session = {"STORMGUARD_SESSION_TIMEOUT": "6"}
+        try:
+            fill = self.fill(broker, records, desc="fill mail.events (Apache Kafka)")
+            alo = self.run_workers(broker, n, 1, "worker, at-least-once (Apache Kafka)", **session)
+            eos = self.run_workers(broker, n, 1, "worker, exactly-once (Apache Kafka)",
+                                   STORMGUARD_EXACTLY_ONCE="true", **session)
+        finally:
+            broker.stop()
+        return {"broker": f"Apache Kafka {KAFKA_VERSION}", "partitions": self.args.partitions, "fill": fill,
+                "at_least_once": alo, "exactly_once": eos}
 
     def deliverer(self, broker: EmbeddedBroker, dead_url: str) -> ChildProcess:
         """`stormguard deliver` with a webhook receiver and a Grafana that are both down."""
@@ -623,6 +644,9 @@ class Bench:
         tp["two_workers"] = self.run_workers(broker, total, 2, "two Stormguard workers")
         tp["worker_sinks_down"] = self.run_worker_with_sinks_down(broker, total)
         broker.stop()
+        if getattr(a, "exactly_once", False):
+            say("bench: Apache Kafka, the worker at-least-once and exactly-once on the same events")
+            results["exactly_once"] = self.run_exactly_once(records)
 
         say("bench: fresh broker for start-up and latency")
         live = self.broker()

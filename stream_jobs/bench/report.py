@@ -21,6 +21,10 @@ RATIOS: dict[str, tuple[str, str]] = {
     "sender_keyed_vs_list_keyed": ("throughput.worker_sender_keyed.events_per_s", "throughput.worker.events_per_s"),
     # Scoring while `stormguard deliver` retries against a webhook receiver and a Grafana that are down.
     "worker_sinks_down_vs_worker": ("throughput.worker_sinks_down.events_per_s", "throughput.worker.events_per_s"),
+    # What Kafka transactions cost (bench --exactly-once, on Apache Kafka): the same worker, the same events.
+    "exactly_once_vs_at_least_once": ("exactly_once.exactly_once.events_per_s", "exactly_once.at_least_once.events_per_s"),
+    "exactly_once_vs_at_least_once_per_cpu": ("exactly_once.exactly_once.events_per_cpu_s",
+                                              "exactly_once.at_least_once.events_per_cpu_s"),
     "offline_vs_worker": ("throughput.offline_score.events_per_s", "throughput.worker.events_per_s"),
     # The milter's decision per message (event + hold lookup) against scoring one event offline, per CPU-second.
     "milter_decide_vs_offline_score_per_cpu": ("milter.events_per_cpu_s", "throughput.offline_score.events_per_cpu_s"),
@@ -76,6 +80,9 @@ def table(r: dict) -> str:
         ("offline score, in-process", tp["offline_score"]),
         ("offline score, CLI", tp["offline_score_cli"]),
     ]
+    if "exactly_once" in r:
+        rows += [("worker, at-least-once, Apache Kafka", r["exactly_once"]["at_least_once"]),
+                 ("worker, exactly-once, Apache Kafka", r["exactly_once"]["exactly_once"])]
     out = [f"Stormguard bench — {r['events']['count']:,} events ({r['events']['mean_bytes']:.0f} B mean), "
            f"{r['events']['partitions']} partitions, broker {r.get('broker', 'tansu')}; {m['cpus']} × {m['cpu_model']}, "
            f"Python {m['python']}",

@@ -78,7 +78,13 @@ def make_producer(broker: Optional[str], **config):
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
+    from stream_jobs.kafka.preflight import BrokerUnreachable, check_brokers
+
     servers = bootstrap_servers(broker)
+    try:
+        check_brokers(servers)  # a wrong password or CA says so at once, not as "no broker answers" in 10 s
+    except BrokerUnreachable as exc:
+        raise ReplayError(str(exc)) from None
     try:
         config.setdefault("bootstrap_timeout_ms", 10_000)
         return KafkaProducer(bootstrap_servers=servers, linger_ms=5, acks=1, **kafka_security(), **config)

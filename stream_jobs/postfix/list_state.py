@@ -146,6 +146,7 @@ class KafkaStateFeed:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers(self.broker), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
                                  client_id="stormguard-policy", allow_auto_create_topics=False,
+                                 isolation_level="read_committed",  # an exactly-once worker's aborts are not states
                                  bootstrap_timeout_ms=5000, **kafka_security(), **self.consumer_options)
         try:
             partitions = None

@@ -305,6 +305,13 @@ async def _serve(args) -> int:
                                 defer_text=args.defer_text, recipient_delimiter=args.recipient_delimiter)
         source = f"worker API {args.worker_url}"
     else:
+        from stream_jobs.kafka.preflight import refusal
+        from stream_jobs.kafka.replay import bootstrap_servers
+
+        refused = await asyncio.get_running_loop().run_in_executor(None, refusal, bootstrap_servers(args.broker))
+        if refused:  # fail open is for a broker that is away, not for a password it refuses
+            print(f"stormguard: policy: cannot start: {refused}", file=sys.stderr, flush=True)
+            return 2
         feed = KafkaStateFeed(states, args.broker, args.topic).start()
         decider = PolicyDecider(states.frozen, action=args.action, hold_text=args.hold_text,
                                 defer_text=args.defer_text, recipient_delimiter=args.recipient_delimiter)

@@ -440,9 +440,16 @@ def _declare(worker: StormguardWorker) -> None:
     async def score(stream):
         """Score every submitted message; publish what the detectors decide (:meth:`StormguardWorker.score_batch`)."""
         worker.restore_state()
+        scoring = app.scoring  # exactly-once: no commit in the middle of a batch (faust_tuning.SourceTransactions)
         try:
             async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
-                await worker.score_batch(events)
+                if scoring is None:
+                    await worker.score_batch(events)
+                    continue
+                async with scoring:
+                    await worker.score_batch(events)
+                    for event in events:  # the commit that follows carries this batch's offsets and writes
+                        await stream.ack(event)
         except Exception as exc:
             worker.agent_died("score", exc)
             raise
@@ -452,9 +459,15 @@ def _declare(worker: StormguardWorker) -> None:
     @app.agent(worker.commands_topic, name=f"{_NAME}.operate")
     async def operate(stream):
         """Apply operators' freezes and unfreezes from the admin API, in stream order."""
+        scoring = app.scoring
         try:
-            async for command in stream:
-                await worker.apply_command(command)
+            async for event in stream.events():
+                if scoring is None:
+                    await worker.apply_command(event.value)
+                    continue
+                async with scoring:
+                    await worker.apply_command(event.value)
+                    await stream.ack(event)
         except Exception as exc:
             worker.agent_died("operate", exc)
             raise

@@ -15,6 +15,11 @@ Two changes, both measured by ``make bench`` (docs/performance.md):
 
 :class:`StormguardApp` is ``faust.App`` with that consumer on ``kafka://`` and
 ``aiokafka://`` brokers (``fast_drain=False`` gives stock Faust back).
+
+With ``STORMGUARD_EXACTLY_ONCE`` (Faust's ``processing_guarantee="exactly_once"``),
+:class:`SourceTransactions` puts everything written while a record is processed into the
+transaction of that record's partition, and a commit neither overlaps a batch being scored nor
+misses a table write still in Faust's producer buffer (see the class).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import time
 from typing import Any, AsyncIterator, cast
 
 import faust
-from faust.transport.consumer import CONSUMER_FETCHING
+from faust.exceptions import ProducerSendError
+from faust.streams import current_event
+from faust.transport.consumer import CONSUMER_FETCHING, TransactionManager
 from faust.transport.drivers import aiokafka as _faust_aiokafka
 from mode import Service
 
@@ -106,8 +113,94 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             return ends
 
 
+    async def force_commit(self, topics=None, start_new_transaction: bool = True) -> bool:
+        """Under exactly-once, never while a batch is being scored (:attr:`StormguardApp.scoring`)."""
+        scoring = getattr(self.app, "scoring", None)
+        if not self.in_transaction or scoring is None:
+            return await super().force_commit(topics, start_new_transaction=start_new_transaction)
+        async with scoring:
+            return await super().force_commit(topics, start_new_transaction=start_new_transaction)
+
+
+#: Longest wait, before a commit, for table writes still in Faust's producer buffer (seconds).
+UNSENT_WAIT_S = 30.0
+
+
+class SourceTransactions(TransactionManager):
+    """Faust's exactly-once transaction manager, with each write in its source record's transaction.
+
+    Faust keeps one transactional producer per assigned partition and commits a partition's
+    offsets in its transaction; but it picks a write's transaction by the partition the write goes
+    *to*. That is right for a table's changelog (written to the partition of the record that changed
+    it), and wrong for the worker's other writes: an action keyed by list, a dead letter keyed as
+    its record was, a list's share routed to the partition that owns the list may land on any
+    partition, often one of another worker (Faust then fails the send), or in a transaction that
+    commits with other offsets. Here a write made while a record is processed (Faust's current
+    event, which the worker sets for every record it scores) joins the transaction of that record's
+    partition, so it commits exactly when that record's offset does, together with the list models
+    the record changed. A write with no record behind it (an operator's command from the web view)
+    needs no transaction and goes through the plain producer.
+
+    Before a commit it waits for the table writes still in Faust's producer buffer (``send_soon``:
+    a table's ``__setitem__`` cannot await), which Faust's exactly-once commit does not do: a list
+    model saved just before the commit would otherwise land in the next transaction.
+    """
+
+    async def send(self, topic, key, value, partition, timestamp, headers, *, transactional_id=None):
+        event = current_event()
+        partition = self.consumer.key_partition(topic, key, partition)
+        if event is not None:
+            source = event.message
+            group = self.app.assignor.group_for_topic(source.topic)
+            transactional_id = f"{self.app.conf.id}-{group}-{source.partition}"
+        elif topic in self.app.tables.changelog_topics and partition is not None:
+            group = self.app.assignor.group_for_topic(topic)
+            transactional_id = f"{self.app.conf.id}-{group}-{partition}"
+        else:
+            transactional_id = None
+        if transactional_id is not None and transactional_id not in self.producer._transaction_producers:
+            # The partition moved to another worker in a rebalance: its transaction is gone (the new
+            # owner's producer fenced it) and the new owner redoes the work from the committed offsets.
+            # A failed write, not an exception: Faust's producer buffer task would die of one.
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(ProducerSendError(f"partition moved away: no transaction {transactional_id}"))
+            return failed
+        return await self.producer.send(topic, key, value, partition, timestamp, headers,
+                                        transactional_id=transactional_id)
+
+    #: The transactional ids this worker holds producers for (those of its active partitions).
+    held: frozenset = frozenset()
+
+    async def on_rebalance(self, assigned, revoked, newly_assigned) -> None:
+        """Stop the producers of every partition this worker no longer holds, and start fresh ones for those
+        it gains. Faust stops only those of ``revoked``, which misses partitions that moved away here: their
+        producers stayed, were fenced by the new owner, and were reused when the partitions came back (after
+        the other worker died), so nothing this worker wrote for them ever committed."""
+        now = frozenset(self._tps_to_transactional_ids(assigned))
+        gone, new = self.held - now, now - self.held
+        if gone:
+            self.log.info("Stopping %r transactional producer(s) of partitions moved away", len(gone))
+            await self._stop_transactions(sorted(gone))
+        if new:
+            self.log.info("Starting %r transactional producer(s) for %r assigned partitions", len(new),
+                          len(assigned))
+            await self._stop_transactions(sorted(new))  # a stale producer for this id was fenced: drop it
+            await self._start_transactions(sorted(new))
+        self.held = now
+
+    async def commit(self, offsets, start_new_transaction: bool = True) -> bool:
+        unsent = getattr(self.app, "unsent", None)
+        if unsent:
+            _, late = await asyncio.wait(list(unsent), timeout=UNSENT_WAIT_S)
+            if late:
+                self.log.warning("committing with %d table write(s) not yet acknowledged after %.0f s",
+                                 len(late), UNSENT_WAIT_S)
+        return await super().commit(offsets, start_new_transaction=start_new_transaction)
+
+
 class TrueEndTransport(_faust_aiokafka.Transport):
     Consumer = TrueEndConsumer
+    TransactionManager = SourceTransactions
 
 
 class BatchDrainConsumer(TrueEndConsumer):
@@ -183,6 +276,7 @@ class BatchDrainConsumer(TrueEndConsumer):
 
 class BatchDrainTransport(_faust_aiokafka.Transport):
     Consumer = BatchDrainConsumer
+    TransactionManager = SourceTransactions
 
 
 def _cheap_ebb_check(buffer) -> None:
@@ -203,6 +297,18 @@ def _cheap_ebb_check(buffer) -> None:
     buffer.wait_until_ebb = wait_until_ebb
 
 
+def _track_unsent(buffer, unsent: set) -> None:
+    """Remember every write put in Faust's producer buffer until the broker has it (or refused it)."""
+    put = buffer.put
+
+    def tracked_put(fut) -> None:
+        unsent.add(fut)
+        fut.add_done_callback(unsent.discard)
+        put(fut)
+
+    buffer.put = tracked_put
+
+
 class StormguardApp(faust.App):
     """``faust.App`` whose Kafka consumer delivers fetched batches in one task (see the module doc).
 
@@ -211,9 +317,18 @@ class StormguardApp(faust.App):
     registry each time (:func:`_cheap_ebb_check`).
     """
 
+    #: Under exactly-once: held while a batch is scored and while offsets are committed, so that a
+    #: transaction holds all of a batch's writes or none (None: at-least-once).
+    scoring: "asyncio.Lock | None" = None
+    #: Under exactly-once: writes queued in Faust's producer buffer and not yet acknowledged by the broker.
+    unsent: "set | None" = None
+
     def __init__(self, *args: Any, fast_drain: bool = True, **kwargs: Any) -> None:
         self.fast_drain = fast_drain
         super().__init__(*args, **kwargs)
+        if self.conf.processing_guarantee.value == "exactly_once":
+            self.scoring = asyncio.Lock()
+            self.unsent = set()
 
     @classmethod
     def from_settings(cls, settings, **options: Any) -> "StormguardApp":
@@ -226,6 +341,8 @@ class StormguardApp(faust.App):
         producer = super()._new_producer()
         if self.fast_drain and not self.conf.producer_threaded:
             _cheap_ebb_check(producer.buffer)
+        if self.unsent is not None:
+            _track_unsent(producer.buffer, self.unsent)
         return producer
 
     def _new_transport(self):

@@ -128,6 +128,13 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
         os.environ["STORMGUARD_WEB_PORT"] = str(web_port)
     try:
         settings = WorkerSettings.from_env()
+        from stream_jobs.kafka.preflight import refusal
+        from stream_jobs.kafka.replay import bootstrap_servers
+
+        refused = refusal(bootstrap_servers(broker))  # Faust's client would retry a refused password or certificate for ever
+        if refused:
+            print(f"stormguard: cannot start: {refused}", file=sys.stderr, flush=True)
+            return 2
         try:
             partitions = ensure_topics(broker, settings.partitions, settings.app_id)
         except TopicMismatch as exc:
@@ -137,6 +144,13 @@ def run_worker(broker: Optional[str] = None, web_port: Optional[int] = None, emb
         if problem:
             print(f"stormguard: cannot start: {problem}", file=sys.stderr, flush=True)
             return 2
+        if settings.exactly_once:
+            from stream_jobs.kafka.transactions import transactions_refusal
+
+            refusal = transactions_refusal(broker, settings.app_id)
+            if refusal:
+                print(f"stormguard: cannot start: {refusal}", file=sys.stderr, flush=True)
+                return 2
         # the app is built from the environment (below): it makes everything with this count
         os.environ["STORMGUARD_PARTITIONS"] = str(partitions)
         if settings.learn_history and not os.environ.get("STORMGUARD_LEARN_ONLY_UNTIL"):
