@@ -431,18 +431,32 @@ def _declare(worker: StormguardWorker) -> None:
     app, settings, detector = worker.app, worker.settings, worker.detector
 
     # -- agents -------------------------------------------------------------------------------
-    @app.agent(worker.events_topic, name=f"{_NAME}.score")
-    async def score(stream):
-        """Score every submitted message; publish what the detectors decide (:meth:`StormguardWorker.score_batch`)."""
-        worker.restore_state()
-        try:
-            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+    if app.fast_drain:  # each fetched batch straight to the scorer, acked per batch (faust_tuning.BatchConsumer)
+        @app.batch_agent(worker.events_topic, name=f"{_NAME}.score", max_records=BATCH_MAX)
+        async def score_fetched(events: list) -> None:
+            """Score a batch of records as the consumer fetched them (:meth:`StormguardWorker.score_batch`)."""
+            try:
                 await worker.score_batch(events)
-        except Exception as exc:
-            worker.agent_died("score", exc)
-            raise
-        finally:
+            except Exception as exc:
+                worker.agent_died("score", exc)
+                raise
+
+        @app.on_before_shutdown.connect
+        async def _save_on_the_way_out(sender: Any = None, **kwargs: Any) -> None:
             worker.save_models_or_warn("on the way out")  # stopping or restarting: what was learned is kept
+    else:
+        @app.agent(worker.events_topic, name=f"{_NAME}.score")
+        async def score(stream):
+            """Score every submitted message; publish what the detectors decide (:meth:`StormguardWorker.score_batch`)."""
+            worker.restore_state()
+            try:
+                async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+                    await worker.score_batch(events)
+            except Exception as exc:
+                worker.agent_died("score", exc)
+                raise
+            finally:
+                worker.save_models_or_warn("on the way out")  # stopping or restarting: what was learned is kept
 
     @app.agent(worker.commands_topic, name=f"{_NAME}.operate")
     async def operate(stream):
