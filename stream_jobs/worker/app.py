@@ -152,8 +152,6 @@ class StormguardWorker:
         settings, detector = self.settings, self.detector
         now = time.monotonic()
         for event in events:
-            # Tables partition their changelog by the record being processed.
-            _current_event.set(weakref.ref(event))
             raw = event.value
             raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
             message = event.message
@@ -179,8 +177,11 @@ class StormguardWorker:
                     # stamped as the gateway stamped it: produce -> action stays the gateway's latency
                     await self.by_list.send(key=address.encode(), value=raw, partition=self._home[address],
                                             headers=event.headers, timestamp=_record_time(event))
-            for action in outcome.actions:
-                await self.publish(action)
+            if outcome.actions:
+                # Tables partition their changelog by the record being processed (a freeze writes list_state).
+                _current_event.set(weakref.ref(event))
+                for action in outcome.actions:
+                    await self.publish(action)
             if message.topic == self.by_list_name:  # the message was counted where it was read
                 for action in outcome.actions:
                     metrics.observe_action(action, _record_time(event))
