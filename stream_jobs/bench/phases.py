@@ -275,7 +275,7 @@ class Bench:
         finally:
             p.stop()
         out["ready_s"] = ready
-        out["consumer"] = "stock Faust 0.15" if stock else "BatchDrainConsumer + RawSchema (as the worker)"
+        out["consumer"] = "stock Faust 0.15" if stock else "BatchConsumer, a batch agent (as the worker)"
         return out
 
     def run_workers(self, broker: EmbeddedBroker, total: int, n: int, desc: str) -> dict:
