@@ -50,6 +50,9 @@ _META_KEY = "__stormguard_meta__"
 #: under light traffic a record waits at most this long before it is scored.
 BATCH_MAX = 500
 BATCH_WITHIN = 0.01
+#: A batch whose newest record was produced longer ago than this (seconds) is a backlog being caught up:
+#: its changed list models wait for the next offset commit (see :meth:`StormguardWorker.score_batch`).
+CATCH_UP_S = 1.0
 #: Seconds between an agent's death and the process's exit: long enough for a last /healthz and log line.
 EXIT_AFTER_DEATH_S = 2.0
 #: Faust's names for the agents and timers (as they were when the app was declared at module level).
@@ -109,6 +112,8 @@ class StormguardWorker:
         #: (monotonic) the first unsaved change came. Oldest first, so saves are spread over the batches.
         self.unsaved: dict[str, tuple[Any, float]] = {}
         self.records_consumed = 0
+        #: The last batch was backlog (:data:`CATCH_UP_S`): list models are saved at offset commits only.
+        self.catching_up = False
         self.pending_commands: dict[str, asyncio.Future] = {}
         self._status_encoder = msgspec.json.Encoder()
         #: Why an agent died, if one did: /healthz answers 503 and the process exits (see :meth:`agent_died`).
@@ -145,7 +150,10 @@ class StormguardWorker:
         busy list's model was the worker's biggest cost during a storm); each batch
         saves only the lists whose wait is over, so the saves are spread out
         instead of stalling the loop every interval; whatever is left is written
-        when an offset commit starts (:class:`_SaveModelsBeforeCommit`). Decisions are unchanged:
+        when an offset commit starts (:class:`_SaveModelsBeforeCommit`). While a backlog is caught up (the
+        batch's newest record older than :data:`CATCH_UP_S`) the commits alone save them: at tens of
+        thousands of records a second, a list is then written once a commit instead of every
+        ``STORMGUARD_MODEL_SAVE_MS``. Decisions are unchanged:
         records still reach the detector one at a time, in partition order, and
         every action, freezes included, is published as soon as its record is scored.
         """
@@ -193,7 +201,12 @@ class StormguardWorker:
         if self.live_since is None:
             self._note_history()
         _current_event.set(None)
-        self.save_models(changed_before=time.monotonic() - self.model_save_s)
+        # Catching up, nobody waits on these records: each changed model waits for the next offset commit,
+        # which writes them all (_SaveModelsBeforeCommit), once per list rather than every model_save_ms.
+        newest = _record_time(events[-1]) if events else None
+        self.catching_up = newest is not None and time.time() - newest > CATCH_UP_S
+        if not self.catching_up:
+            self.save_models(changed_before=time.monotonic() - self.model_save_s)
 
     def _note_history(self) -> None:
         detector, settings = self.detector, self.settings
@@ -473,7 +486,7 @@ def _declare(worker: StormguardWorker) -> None:
     @app.timer(max(worker.model_save_s / 2, 0.05), name=f"{_NAME}.save_idle_models")
     async def save_idle_models() -> None:
         """Traffic stopped: save what the last batches taught, without waiting for the next record."""
-        if worker.unsaved:
+        if worker.unsaved and not worker.catching_up:
             worker.save_models_or_warn("on the timer", changed_before=time.monotonic() - worker.model_save_s)
 
     app.sensors.add(_SaveModelsBeforeCommit(worker))
