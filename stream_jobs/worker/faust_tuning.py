@@ -269,7 +269,8 @@ class BatchConsumer(BatchDrainConsumer):
                 set_flag(CONSUMER_FETCHING)
                 records, active = await self._wait_next_records(1.0)
                 await self.sleep(0)
-                if records and not self.should_stop:
+                # An empty fetch too, as Faust's getmany: the scheduler may release records it held back.
+                if records is not None and not self.should_stop:
                     if not self.flow_active:
                         await self.perform_seek()  # as Faust's getmany: re-read from the committed offsets
                     else:

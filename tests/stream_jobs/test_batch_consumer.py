@@ -96,3 +96,33 @@ def test_a_batch_agent_needs_the_workers_consumer():
     app = StormguardApp("test-batch-stock", broker="kafka://127.0.0.1:1", fast_drain=False)
     with pytest.raises(ValueError, match="fast_drain"):
         app.batch_agent(app.topic("mail.events"), name="score")
+
+
+def test_records_the_scheduler_held_back_are_released_by_an_empty_fetch():
+    """A partition that ran dry while the broker still had records of it holds back newer records of
+    the others (event-time order); once it has nothing more to give, the next fetch, empty or not,
+    releases them."""
+    from stream_jobs.worker.event_order import EventTimeScheduler
+
+    async def main():
+        app, handled = _app()
+        consumer, tp, handler = await _consumer(app)
+        tp1 = consumer._new_topicpartition("mail.events", 1)
+        backlog = {tp1: True}
+        consumer.scheduler = EventTimeScheduler(ordered_topics={"mail.events"})
+        consumer.scheduler.has_backlog = lambda t: backlog.get(t, False)
+        consumer.flow_active = True
+
+        class Rec:
+            def __init__(self, tp, offset, when):
+                self.topic, self.partition, self.offset, self.timestamp = tp.topic, tp.partition, offset, 1000
+                self.key, self.headers = b"k", ()
+                self.value = b'{"timestamp": %d}' % when
+
+        await consumer._deliver_fetch({tp: [Rec(tp, 0, 5)], tp1: [Rec(tp1, 0, 3)]}, None, app.batch_handlers)
+        assert handled == [[0]]  # tp1's record at 3; tp's at 5 waits: tp1 may still have older ones
+        backlog[tp1] = False
+        await consumer._deliver_fetch({}, None, app.batch_handlers)
+        assert handled == [[0], [0]]
+
+    asyncio.run(main())
