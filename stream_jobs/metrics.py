@@ -27,7 +27,7 @@ import math
 import os
 import time
 import weakref
-from typing import Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -327,6 +327,7 @@ class TopLists:
 
 TOP = TopLists()
 _detectors: "weakref.WeakSet" = weakref.WeakSet()
+_last_detector: Callable[[], Any] = lambda: None  # a weak reference to the detector observe_event saw last
 #: (topic, partition) -> messages behind the log end, refreshed by observe_consumer.
 _consumer_lag: dict[tuple[str, int], int] = {}
 
@@ -438,9 +439,11 @@ def observe_event(detector, outcome, produced_at: Optional[float]) -> None:
     ``outcome`` is a :class:`detectors.engine.Outcome`; ``produced_at`` is the
     Kafka record timestamp in epoch seconds (``None`` when the record has none).
     """
+    global _last_detector
     now = time.time()
-    if detector is not None and detector not in _detectors:
+    if detector is not None and _last_detector() is not detector:  # a WeakSet lookup makes a weakref each time
         _detectors.add(detector)
+        _last_detector = weakref.ref(detector)
     if produced_at is not None:
         RECORD_LATENCY.observe(max(0.0, now - produced_at))
     if outcome.error is not None:
@@ -528,7 +531,8 @@ def observe_consumer(app, topics: Iterable[str] = (EVENTS_TOPIC,)) -> None:
 
 def reset_for_tests() -> None:
     """Forget per-list rates, detectors and lag (the counters are left as they are)."""
-    global TOP
+    global TOP, _last_detector
     TOP = TopLists()
     _detectors.clear()
+    _last_detector = lambda: None
     _consumer_lag.clear()

@@ -288,12 +288,14 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
     ("STORMGUARD_FETCH_MAX_WAIT_MS", "30", "longest fetch long-poll in milliseconds; bounds how long a new "
      "event can wait on a broker that does not answer long polls early (Tansu); an idle worker makes about "
      "1000/this fetches a second"),
-    ("STORMGUARD_FAST_DRAIN", "true", "hand each fetched batch of records to the agents in one task instead of "
-     "Faust's four tasks per record (`stream_jobs/worker/faust_tuning.py`); `false` gives stock Faust"),
+    ("STORMGUARD_FAST_DRAIN", "true", "hand each fetched batch of `mail.events` records straight to the scorer, "
+     "acked once per batch (`BatchConsumer`, `stream_jobs/worker/faust_tuning.py`); `false` gives stock Faust: "
+     "an agent, a stream and an ack per record"),
     ("STORMGUARD_MODEL_SAVE_MS", "500", "how long, in milliseconds, a changed list model may wait before it "
      "is written to the `list_models` changelog (freezes are written at once); 0 writes them after every batch. "
      "Every changed model is also written when an offset commit starts, so this spreads the writes out "
-     "between commits rather than bounding what a crash loses"),
+     "between commits rather than bounding what a crash loses; while a backlog is caught up (records more "
+     "than a second old) the commits alone write them"),
     ("STORMGUARD_GC_FREEZE_S", "5", "every this many seconds the worker moves what survived into Python's "
      "permanent GC generation (`gc.freeze`), so full collections scan only newer objects: with a day of "
      "learned state they took 50-180 ms and set the tail latency. Once an hour everything is unfrozen and "

@@ -2,12 +2,15 @@
 
 It is configured exactly like the Stormguard worker (:mod:`stream_jobs.worker.app`):
 the same settings from the environment, the same broker timeouts, raw
-serializers on ``mail.events``, ``stream.events()``, offsets from the earliest.
+serializers on ``mail.events``, offsets from the earliest, and the worker's
+consumption: a batch agent (:meth:`~stream_jobs.worker.faust_tuning.StormguardApp.batch_agent`),
+or with ``STORMGUARD_FAST_DRAIN=false`` a stock Faust agent over ``stream.events()``.
 The only difference is that its agent counts records instead of scoring them,
 so ``worker events/s ÷ no-op events/s`` is what detection costs.
 
-``STORMGUARD_BENCH_NOOP_MODE=take`` switches the agent to
-``stream.take(500, within=0.05)`` batches (a ceiling for batched workers).
+``STORMGUARD_BENCH_NOOP_MODE=take`` switches to a Faust agent over
+``stream.take(500, within=0.05)`` batches, ``stream`` to one over ``stream.events()``
+(Faust's own agents, on the worker's consumer).
 
 Run as ``python -m stream_jobs.bench.noop`` (``stream_jobs.bench`` does);
 ``GET /count`` answers ``{"count": N}`` and ``GET /healthz`` 200 once assigned.
@@ -24,7 +27,7 @@ import faust
 from stream_jobs.worker.faust_tuning import RawSchema, StormguardApp
 from stream_jobs.settings import EVENTS_TOPIC, WorkerSettings
 
-MODE = os.environ.get("STORMGUARD_BENCH_NOOP_MODE", "events")
+MODE = os.environ.get("STORMGUARD_BENCH_NOOP_MODE", "events")  # events (batch agent), take, stream
 
 
 def create_app(settings: WorkerSettings) -> StormguardApp:
@@ -39,15 +42,21 @@ def create_app(settings: WorkerSettings) -> StormguardApp:
     _count = 0
     _ready = asyncio.Event()
 
-    @app.agent(events_topic, name="stream_jobs.bench_noop.noop")
-    async def noop(stream):
-        nonlocal _count
-        if MODE == "take":
-            async for batch in stream.take(500, within=0.05):
-                _count += len(batch)
-        else:
-            async for _event in stream.events():
-                _count += 1
+    if settings.fast_drain and MODE == "events":
+        @app.batch_agent(events_topic, name="stream_jobs.bench_noop.noop", max_records=500)
+        async def noop_batches(events: list) -> None:  # the worker's batch path (faust_tuning.BatchConsumer)
+            nonlocal _count
+            _count += len(events)
+    else:
+        @app.agent(events_topic, name="stream_jobs.bench_noop.noop")
+        async def noop(stream):
+            nonlocal _count
+            if MODE == "take":
+                async for batch in stream.take(500, within=0.05):
+                    _count += len(batch)
+            else:
+                async for _event in stream.events():
+                    _count += 1
 
     @app.on_rebalance_complete.connect
     async def _on_ready(sender: Any = None, **kwargs: Any) -> None:

@@ -50,6 +50,9 @@ _META_KEY = "__stormguard_meta__"
 #: under light traffic a record waits at most this long before it is scored.
 BATCH_MAX = 500
 BATCH_WITHIN = 0.01
+#: A batch whose newest record was produced longer ago than this (seconds) is a backlog being caught up:
+#: its changed list models wait for the next offset commit (see :meth:`StormguardWorker.score_batch`).
+CATCH_UP_S = 1.0
 #: Seconds between an agent's death and the process's exit: long enough for a last /healthz and log line.
 EXIT_AFTER_DEATH_S = 2.0
 #: Faust's names for the agents and timers (as they were when the app was declared at module level).
@@ -110,6 +113,8 @@ class StormguardWorker:
         #: (monotonic) the first unsaved change came. Oldest first, so saves are spread over the batches.
         self.unsaved: dict[str, tuple[Any, float]] = {}
         self.records_consumed = 0
+        #: The last batch was backlog (:data:`CATCH_UP_S`): list models are saved at offset commits only.
+        self.catching_up = False
         self.pending_commands: dict[str, asyncio.Future] = {}
         self._status_encoder = msgspec.json.Encoder()
         #: Why an agent died, if one did: /healthz answers 503 and the process exits (see :meth:`agent_died`).
@@ -146,15 +151,16 @@ class StormguardWorker:
         busy list's model was the worker's biggest cost during a storm); each batch
         saves only the lists whose wait is over, so the saves are spread out
         instead of stalling the loop every interval; whatever is left is written
-        when an offset commit starts (:class:`_SaveModelsBeforeCommit`). Decisions are unchanged:
+        when an offset commit starts (:class:`_SaveModelsBeforeCommit`). While a backlog is caught up (the
+        batch's newest record older than :data:`CATCH_UP_S`) the commits alone save them: at tens of
+        thousands of records a second, a list is then written once a commit instead of every
+        ``STORMGUARD_MODEL_SAVE_MS``. Decisions are unchanged:
         records still reach the detector one at a time, in partition order, and
         every action, freezes included, is published as soon as its record is scored.
         """
         settings, detector = self.settings, self.detector
         now = time.monotonic()
         for event in events:
-            # Tables partition their changelog by the record being processed.
-            _current_event.set(weakref.ref(event))
             raw = event.value
             raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
             message = event.message
@@ -180,8 +186,11 @@ class StormguardWorker:
                     # stamped as the gateway stamped it: produce -> action stays the gateway's latency
                     await self.by_list.send(key=address.encode(), value=raw, partition=self._home[address],
                                             headers=event.headers, timestamp=_record_time(event))
-            for action in outcome.actions:
-                await self.publish(action)
+            if outcome.actions:
+                # Tables partition their changelog by the record being processed (a freeze writes list_state).
+                _current_event.set(weakref.ref(event))
+                for action in outcome.actions:
+                    await self.publish(action)
             if message.topic == self.by_list_name:  # the message was counted where it was read
                 for action in outcome.actions:
                     metrics.observe_action(action, _record_time(event))
@@ -193,7 +202,12 @@ class StormguardWorker:
         if self.live_since is None:
             self._note_history()
         _current_event.set(None)
-        self.save_models(changed_before=time.monotonic() - self.model_save_s)
+        # Catching up, nobody waits on these records: each changed model waits for the next offset commit,
+        # which writes them all (_SaveModelsBeforeCommit), once per list rather than every model_save_ms.
+        newest = _record_time(events[-1]) if events else None
+        self.catching_up = newest is not None and time.time() - newest > CATCH_UP_S
+        if not self.catching_up:
+            self.save_models(changed_before=time.monotonic() - self.model_save_s)
 
     def _note_history(self) -> None:
         detector, settings = self.detector, self.settings
@@ -436,25 +450,41 @@ def _declare(worker: StormguardWorker) -> None:
     app, settings, detector = worker.app, worker.settings, worker.detector
 
     # -- agents -------------------------------------------------------------------------------
-    @app.agent(worker.events_topic, name=f"{_NAME}.score")
-    async def score(stream):
-        """Score every submitted message; publish what the detectors decide (:meth:`StormguardWorker.score_batch`)."""
-        worker.restore_state()
-        scoring = app.scoring  # exactly-once: no commit in the middle of a batch (faust_tuning.SourceTransactions)
-        try:
-            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
-                if scoring is None:
-                    await worker.score_batch(events)
-                    continue
-                async with scoring:
-                    await worker.score_batch(events)
-                    for event in events:  # the commit that follows carries this batch's offsets and writes
-                        await stream.ack(event)
-        except Exception as exc:
-            worker.agent_died("score", exc)
-            raise
-        finally:
+    if app.fast_drain and app.scoring is None:
+        # each fetched batch straight to the scorer, acked per batch (faust_tuning.BatchConsumer); exactly-once
+        # keeps the stream agent below, whose commit lock keeps a batch and its writes in one transaction
+        @app.batch_agent(worker.events_topic, name=f"{_NAME}.score", max_records=BATCH_MAX)
+        async def score_fetched(events: list) -> None:
+            """Score a batch of records as the consumer fetched them (:meth:`StormguardWorker.score_batch`)."""
+            try:
+                await worker.score_batch(events)
+            except Exception as exc:
+                worker.agent_died("score", exc)
+                raise
+
+        @app.on_before_shutdown.connect
+        async def _save_on_the_way_out(sender: Any = None, **kwargs: Any) -> None:
             worker.save_models_or_warn("on the way out")  # stopping or restarting: what was learned is kept
+    else:
+        @app.agent(worker.events_topic, name=f"{_NAME}.score")
+        async def score(stream):
+            """Score every submitted message; publish what the detectors decide (:meth:`StormguardWorker.score_batch`)."""
+            worker.restore_state()
+            scoring = app.scoring  # exactly-once: no commit in the middle of a batch (faust_tuning.SourceTransactions)
+            try:
+                async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+                    if scoring is None:
+                        await worker.score_batch(events)
+                        continue
+                    async with scoring:
+                        await worker.score_batch(events)
+                        for event in events:  # the commit that follows carries this batch's offsets and writes
+                            await stream.ack(event)
+            except Exception as exc:
+                worker.agent_died("score", exc)
+                raise
+            finally:
+                worker.save_models_or_warn("on the way out")  # stopping or restarting: what was learned is kept
 
     @app.agent(worker.commands_topic, name=f"{_NAME}.operate")
     async def operate(stream):
@@ -476,7 +506,7 @@ def _declare(worker: StormguardWorker) -> None:
     @app.timer(max(worker.model_save_s / 2, 0.05), name=f"{_NAME}.save_idle_models")
     async def save_idle_models() -> None:
         """Traffic stopped: save what the last batches taught, without waiting for the next record."""
-        if worker.unsaved:
+        if worker.unsaved and not worker.catching_up:
             worker.save_models_or_warn("on the timer", changed_before=time.monotonic() - worker.model_save_s)
 
     app.sensors.add(_SaveModelsBeforeCommit(worker))

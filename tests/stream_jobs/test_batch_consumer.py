@@ -1,0 +1,128 @@
+"""The worker's batch consumer (issue 19): what it acks and when, and what Faust's own commit rule then commits.
+
+These run the real Faust consumer object, not started: no broker is needed to hand it chunks and ask
+which offset it would commit. The live tests (test_worker_live, test_faults_live) run it against a broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream_jobs.worker.faust_tuning import RecordEvent, StormguardApp
+
+
+def _app(fail_on: int = -1):
+    app = StormguardApp(f"test-batch-{fail_on}", broker="kafka://127.0.0.1:1", store="memory://", web_enabled=False)
+    topic = app.topic("mail.events", partitions=2)
+    handled: list[list[int]] = []
+
+    @app.batch_agent(topic, name="score", max_records=3)
+    async def score(records: list) -> None:
+        if any(r.offset == fail_on for r in records):
+            raise RuntimeError("drill")
+        await asyncio.sleep(0)
+        handled.append([r.offset for r in records])
+
+    return app, handled
+
+
+def _records(tp, offsets):
+    return [RecordEvent(tp.topic, tp.partition, o, 1479112200.0, b"k", b"{}", (), tp) for o in offsets]
+
+
+async def _consumer(app):
+    await app.topics._update_indices()  # what Faust does when it subscribes: mail.events is an acked topic
+    consumer = app.consumer
+    tp = consumer._new_topicpartition("mail.events", 0)
+    consumer._committed_offset[tp] = 0
+    return consumer, tp, app.batch_handlers["mail.events"]
+
+
+def test_a_handled_chunk_is_acked_and_only_contiguous_offsets_are_committed():
+    async def main():
+        app, handled = _app()
+        consumer, tp, handler = await _consumer(app)
+        await consumer._handle(handler, _records(tp, [0, 1, 2]))
+        assert handled == [[0, 1, 2]] and consumer._read_offset[tp] == 2
+        assert consumer._new_offset(tp) == 3
+        consumer._committed_offset[tp] = 3
+        await consumer._handle(handler, _records(tp, [6, 7]))  # 4 and 5 neither handled nor known gaps
+        assert consumer._new_offset(tp) is None
+        await consumer._add_gap(tp, 4, 5)  # e.g. transaction markers: offsets with no record
+        assert consumer._new_offset(tp) == 8
+
+    asyncio.run(main())
+
+
+def test_a_chunk_whose_handler_raises_is_not_acked_and_nothing_more_is_delivered():
+    async def main():
+        app, handled = _app(fail_on=4)
+        consumer, tp, handler = await _consumer(app)
+        await consumer._handle(handler, _records(tp, [0, 1, 2]))
+        await consumer._handle(handler, _records(tp, [3, 4, 5]))
+        assert handled == [[0, 1, 2]]
+        assert isinstance(consumer._handler_failed, RuntimeError)
+        assert consumer._new_offset(tp) == 3  # the failed chunk's records will be read again
+
+    asyncio.run(main())
+
+
+def test_a_fetch_reaches_the_handler_in_chunks_in_the_schedulers_order():
+    async def main():
+        app, handled = _app()
+        consumer, tp, handler = await _consumer(app)
+        tp1 = consumer._new_topicpartition("mail.events", 1)
+        consumer._committed_offset[tp1] = 0
+        consumer.flow_active = True
+
+        class Rec:
+            def __init__(self, tp, offset, when):
+                self.topic, self.partition, self.offset, self.timestamp = tp.topic, tp.partition, offset, 1000
+                self.key, self.headers = b"k", ()
+                self.value = b'{"timestamp": %d}' % when
+
+        fetch = {tp: [Rec(tp, 0, 5), Rec(tp, 1, 9)], tp1: [Rec(tp1, 0, 7), Rec(tp1, 1, 8)]}
+        await consumer._deliver_fetch(fetch, None, app.batch_handlers)
+        # Faust's round robin here (the worker sets the event-time scheduler): 3 records a chunk
+        assert [len(c) for c in handled] == [3, 1] and sorted(sum(handled, [])) == [0, 0, 1, 1]
+        assert consumer._new_offset(tp) == 2 and consumer._new_offset(tp1) == 2
+
+    asyncio.run(main())
+
+
+def test_a_batch_agent_needs_the_workers_consumer():
+    app = StormguardApp("test-batch-stock", broker="kafka://127.0.0.1:1", fast_drain=False)
+    with pytest.raises(ValueError, match="fast_drain"):
+        app.batch_agent(app.topic("mail.events"), name="score")
+
+
+def test_records_the_scheduler_held_back_are_released_by_an_empty_fetch():
+    """A partition that ran dry while the broker still had records of it holds back newer records of
+    the others (event-time order); once it has nothing more to give, the next fetch, empty or not,
+    releases them."""
+    from stream_jobs.worker.event_order import EventTimeScheduler
+
+    async def main():
+        app, handled = _app()
+        consumer, tp, handler = await _consumer(app)
+        tp1 = consumer._new_topicpartition("mail.events", 1)
+        backlog = {tp1: True}
+        consumer.scheduler = EventTimeScheduler(ordered_topics={"mail.events"})
+        consumer.scheduler.has_backlog = lambda t: backlog.get(t, False)
+        consumer.flow_active = True
+
+        class Rec:
+            def __init__(self, tp, offset, when):
+                self.topic, self.partition, self.offset, self.timestamp = tp.topic, tp.partition, offset, 1000
+                self.key, self.headers = b"k", ()
+                self.value = b'{"timestamp": %d}' % when
+
+        await consumer._deliver_fetch({tp: [Rec(tp, 0, 5)], tp1: [Rec(tp1, 0, 3)]}, None, app.batch_handlers)
+        assert handled == [[0]]  # tp1's record at 3; tp's at 5 waits: tp1 may still have older ones
+        backlog[tp1] = False
+        await consumer._deliver_fetch({}, None, app.batch_handlers)
+        assert handled == [[0], [0]]
+
+    asyncio.run(main())
