@@ -119,6 +119,8 @@ def test_ratios_are_the_quotients_of_the_figures(results):
     from stream_jobs.bench.report import RATIOS, lookup
 
     wanted = set(RATIOS) if sys.platform.startswith("linux") else {n for n in RATIOS if "per_cpu" not in n}
+    if "exactly_once" not in results:  # that phase runs only with --exactly-once (make bench, on Apache Kafka)
+        wanted = {n for n in wanted if not n.startswith("exactly_once")}
     assert wanted <= set(results["ratios"]) <= set(RATIOS)
     for name, (num, den) in RATIOS.items():
         if name not in results["ratios"]:
