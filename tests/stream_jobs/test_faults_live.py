@@ -96,13 +96,14 @@ def test_broker_outage_while_worker_runs(broker, start_worker):
 
 def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, start_worker, tmp_path, request):
     if broker.engine == "kafka":
-        # Found when this test first ran on Apache Kafka (issue 16), not yet understood or fixed: in about
-        # 1 run in 4 (2 of 7 here), after the second worker joined, one worker committed every offset of
-        # its partitions but scored only part of them (183 of 300 events; the other worker all 305 of its
-        # own). Not seen in 4 runs with STORMGUARD_FAST_DRAIN=false, nor on Tansu. README, Limits.
+        # Not yet fixed on Apache Kafka (README, Limits): about 1 run in 8 fails, with either consumer,
+        # because (a) a survivor that takes over partitions the dead worker never committed on sometimes
+        # scores nothing for minutes, or (b) the group leader started before Kafka finished creating the
+        # list_models changelog and left it out of every assignment, so the dead worker's models were
+        # not adopted. Tansu creates topics synchronously and shows neither.
         request.applymarker(pytest.mark.xfail(
-            reason="Apache Kafka: a worker sometimes commits events it never scored after a rebalance "
-                   "(README, Limits)", strict=False))
+            reason="Apache Kafka: a survivor can stall on partitions with no committed offset, or miss a "
+                   "changelog Kafka had not finished creating (README, Limits)", strict=False))
     # Warm-up counts the events each worker has scored: with two workers sharing
     # the background, each must see STORMGUARD_WARMUP_EVENTS (100) of its own.
     before, after = split_bulletin_storm(background_events=600)
