@@ -17,23 +17,10 @@ from detectors.policy import Action, shadow
 from stream_jobs.settings import ACTIONS_TOPIC
 from tests.conftest import http_json, wait_for
 from tests.stream_jobs.receivers import Alertmanager, RecordingServer, alertmanager_config, example_alertmanager_config
-from tests.stream_jobs.test_deliver import DeliverProcess, create_topic, produce_actions
+# start_deliver is test_deliver's fixture (deliver processes stopped after each test), used here as it is
+from tests.stream_jobs.test_deliver import create_topic, produce_actions, start_deliver  # noqa: F401
 
 pytestmark = pytest.mark.live
-
-
-@pytest.fixture
-def start_deliver(tmp_path):
-    procs: list[DeliverProcess] = []
-
-    def _start(broker_url: str, env: dict) -> DeliverProcess:
-        p = DeliverProcess(broker_url, tmp_path, env).start()
-        procs.append(p)
-        return p
-
-    yield _start
-    for p in procs:
-        p.stop()
 
 
 def notifications(rx: RecordingServer, path: str = "/notify") -> list[dict]:
