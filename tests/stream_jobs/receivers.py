@@ -26,6 +26,21 @@ from aiohttp import web
 from stream_jobs.kafka.broker import free_port
 
 
+def stop_group(proc, timeout: float = 20.0) -> None:
+    """SIGTERM a server's whole process group, SIGKILL it if it has not gone within ``timeout``."""
+    import os
+    import signal
+    import subprocess
+
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 class _ThreadedServer:
     def __init__(self, port: Optional[int] = None):
         self.port = port or free_port()
@@ -339,17 +354,7 @@ lmtp_port: {free_port()}
         raise AssertionError(f"Mailman REST not up after {timeout} s: {self.log()}")
 
     def stop(self) -> None:
-        import os
-        import signal
-        import subprocess
-
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self.proc = None
 
     def client(self):
@@ -459,17 +464,7 @@ class Alertmanager:
         return self.api("silences", body, method="POST")["silenceID"]
 
     def stop(self) -> None:
-        import os
-        import signal
-        import subprocess
-
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self.proc = None
 
     def log(self) -> str:
