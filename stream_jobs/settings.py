@@ -111,6 +111,7 @@ class WorkerSettings:
     model_save_ms: int = 500
     gc_freeze_s: float = 5.0
     order_wait_ms: int = 2000
+    latency_trace: bool = False
     enforce: bool = True
     learn_history: bool = True
     dlq_max_bytes: int = 900_000
@@ -238,6 +239,7 @@ class WorkerSettings:
             model_save_ms=num("STORMGUARD_MODEL_SAVE_MS", cls.model_save_ms),
             gc_freeze_s=num("STORMGUARD_GC_FREEZE_S", cls.gc_freeze_s, float),
             order_wait_ms=num("STORMGUARD_ORDER_WAIT_MS", cls.order_wait_ms),
+            latency_trace=flag("STORMGUARD_LATENCY_TRACE", cls.latency_trace),
             enforce=flag("STORMGUARD_ENFORCE", cls.enforce),
             learn_history=flag("STORMGUARD_LEARN_HISTORY", cls.learn_history),
             dlq_max_bytes=num("STORMGUARD_DLQ_MAX_BYTES", cls.dlq_max_bytes),
@@ -314,6 +316,10 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "(the broker has more of it) before newer events from the other partitions are scored anyway; the worker "
      "scores a list's events oldest first across partitions (`stream_jobs/worker/event_order.py`), and caught-up "
      "partitions never hold anything back"),
+    ("STORMGUARD_LATENCY_TRACE", "false", "`true`: one `latency-trace {json}` log line per freeze, with the "
+     "wall-clock times its record was fetched, let through by the event-time order, scored and its writes "
+     "buffered (`stream_jobs/worker/latency_trace.py`); `make bench` turns it on in its latency phase to "
+     "break produce-to-freeze down by stage. Costs two dictionary writes per event"),
     ("STORMGUARD_DLQ_MAX_BYTES", "900000", "largest dead-letter envelope in bytes; a record whose base64 copy "
      "would not fit keeps a prefix, with its length and SHA-256 (`raw_truncated: true`). Keep it under the "
      "broker's `message.max.bytes` (1 MiB by default)"),
