@@ -55,9 +55,10 @@ STAGES: dict[str, str] = {
     "order_hold": "held by the event-time scheduler (stream_jobs/worker/event_order.py)",
     "to_scorer": "let through to the scorer's call that holds it (the rest of the fetch is ordered first)",
     "scoring": "that call's start to the record's decision (the records before it in the call, then its own)",
-    "publish": "the decision to every write of it in Faust's producer buffer (list state, table, action)",
-    "to_reader": "buffered to the bench reading the freeze from stormguard.actions (the worker's producer, the "
-                 "broker, the bench's consumer: 5 ms fetch wait)",
+    "publish": "the decision to every write of it handed to the producer (list state, table, action)",
+    "to_broker": "handed to the broker's acknowledgement of the freeze (the worker's producer: one request in "
+                 "flight per broker, so it may wait for the one before)",
+    "to_reader": "acknowledged to the bench reading the freeze from stormguard.actions (its consumer: 5 ms fetch wait)",
 }
 
 
@@ -637,14 +638,15 @@ class Bench:
                 published.append((stamped - sent[mid]) * 1000.0)
                 nth.append(ids.index(mid) + 1 if mid in ids else 0)
                 t = traces.get(mid)
-                if t is not None and mid in acked and t.get("fetched") and t.get("released"):
+                if t is not None and mid in acked and t.get("fetched") and t.get("released") and t.get("acked"):
                     times = (sent[mid], acked[mid], t["fetched"], t["released"], t["batch_start"], t["scored"],
-                             t["published"], read_at)
+                             t["published"], t["acked"], read_at)
                     row = {}
                     for name, a_, b_ in zip(STAGES, times, times[1:]):
                         stages[name].append((b_ - a_) * 1000.0)
                         row[name] = round((b_ - a_) * 1000.0, 2)
-                    traced.append(dict(row, at=round(sent[mid] - sent_origin, 3), batch_len=t["batch_len"],
+                    traced.append(dict(row, total=round((read_at - sent[mid]) * 1000.0, 2),
+                                       at=round(sent[mid] - sent_origin, 3), batch_len=t["batch_len"],
                                        index=t["index"]))
         if not visible:
             raise RuntimeError(f"no storm was frozen during the latency phase:\n{worker.tail()}")

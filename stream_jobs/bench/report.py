@@ -162,7 +162,7 @@ def variant_lines(r: dict) -> list[str]:
         rows = [row for run in runs for row in run["latency"].get("stage_samples", [])]
         if not rows:
             continue
-        stages = [k for k in rows[0] if k not in ("at", "batch_len", "index")]
+        stages = [k for k in rows[0] if k not in ("total", "at", "batch_len", "index")]
         out.append(f"  {name} at full load, stages p50/p99 ms ({len(rows)} traced): " + ", ".join(
             f"{k} {_pct([x[k] for x in rows], 50):.1f}/{_pct([x[k] for x in rows], 99):.1f}" for k in stages))
     return out

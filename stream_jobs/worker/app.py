@@ -203,9 +203,9 @@ class StormguardWorker:
                 _current_event.set(weakref.ref(event))
                 scored = time.time() if trace is not None else 0.0
                 for action in outcome.actions:
-                    await self.publish(action)
-                if trace is not None:
-                    trace.freeze(event, outcome, index, len(events), batch_start, scored)
+                    sent = await self.publish(action)
+                    if trace is not None and action.kind == "freeze":
+                        trace.freeze(event, outcome, index, len(events), batch_start, scored, sent)
                 # The producer sends from this event loop: let it put the decision on the wire now rather than
                 # after the rest of the batch is scored (its send task starts on the third turn of the loop).
                 for _ in range(HAND_OVER_TURNS):
@@ -334,7 +334,8 @@ class StormguardWorker:
         gc.freeze()
 
     # -- effects ----------------------------------------------------------------------------
-    async def publish(self, action: Action) -> None:
+    async def publish(self, action: Action) -> Any:
+        """Publish a decision (and, for a freeze, the list's new state); the action record's delivery future."""
         key = (action.list or action.sender or "").encode()
         if not self.settings.enforce and action.actor == "stormguard":
             action = shadow(action)
@@ -346,7 +347,7 @@ class StormguardWorker:
             # before the action itself: a gateway that holds threads (stormguard milter) follows this topic
             await self.thread_watch_topic.send(key=f"{action.list} {action.thread.root}".encode(),
                                                value=thread_watch_record(action))
-        await self.actions_topic.send(key=key, value=encode_action(action))
+        return await self.actions_topic.send(key=key, value=encode_action(action))
 
     async def dead_letter(self, event, reason: str) -> None:
         """Keep the raw bytes and say why: an operator can fix and replay them.

@@ -10,8 +10,8 @@ and the moment it read the freeze) into a per-stage breakdown (docs/performance.
   partition it reads may still deliver older ones, :mod:`stream_jobs.worker.event_order`);
 * ``batch_start``, ``batch_len``, ``index``: the scorer's call that held the record, its size and the
   record's place in it (records before it are scored first);
-* ``scored``: the detector decided; ``published``: every write of the decision is in Faust's producer
-  buffer (the freeze's own record timestamp says when the producer took it from there).
+* ``scored``: the detector decided; ``published``: every write of the decision is with the producer;
+* ``acked``: the broker acknowledged the freeze's record (the line is written then).
 
 Off (the default), the worker runs none of this. On, it costs two dictionary writes per record of
 ``mail.events`` and the by-list topic, and keeps the times of the last :data:`KEEP` records.
@@ -59,14 +59,23 @@ class LatencyTrace:
             yield tp, record
         self._trim(released)
 
-    def freeze(self, event: Any, outcome: Any, index: int, batch_len: int, batch_start: float, scored: float) -> None:
-        """Log the times of a record whose decision included a freeze, once its writes are buffered."""
-        if not any(a.kind == "freeze" for a in outcome.actions):
-            return
+    def freeze(self, event: Any, outcome: Any, index: int, batch_len: int, batch_start: float, scored: float,
+               sent: Any = None) -> None:
+        """Log the times of a record whose decision is a freeze, once the broker has the freeze (``sent``, the
+        action record's delivery future; without one, at once)."""
         message = event.message
         key = (message.topic, message.partition, message.offset)
-        log.warning("latency-trace %s", json.dumps({
-            "message_id": getattr(outcome.event, "message_id", None), "topic": message.topic,
-            "partition": message.partition, "offset": message.offset, "record_ts": message.timestamp,
-            "fetched": self.fetched.get(key), "released": self.released.get(key), "batch_start": batch_start,
-            "batch_len": batch_len, "index": index, "scored": scored, "published": time.time()}))
+        line = {"message_id": getattr(outcome.event, "message_id", None), "topic": message.topic,
+                "partition": message.partition, "offset": message.offset, "record_ts": message.timestamp,
+                "fetched": self.fetched.get(key), "released": self.released.get(key), "batch_start": batch_start,
+                "batch_len": batch_len, "index": index, "scored": scored, "published": time.time(), "acked": None}
+
+        def write(fut: Any = None) -> None:
+            if fut is not None and not fut.cancelled() and fut.exception() is None:
+                line["acked"] = time.time()
+            log.warning("latency-trace %s", json.dumps(line))
+
+        if sent is not None and hasattr(sent, "add_done_callback"):
+            sent.add_done_callback(write)
+        else:
+            write()
