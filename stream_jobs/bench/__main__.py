@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant-throughput-events", type=int, default=0,
                    help="with --latency-variant: also time each variant's worker catching up this many events "
                         "(a fresh broker each, interleaved with the latency runs; default 0: not)")
+    p.add_argument("--storm-key", choices=("list", "sender"), default="list",
+                   help="how the latency phase keys its storm messages: by list (default, as replay keys: scored "
+                        "where read) or by sender (every one takes the by-list hop)")
     return p
 
 

@@ -542,13 +542,17 @@ class Bench:
         reader.start()
         producer = make_producer(broker.url)
         enc = msgspec.json.Encoder()
+        # Keyed by list (as replay and ingest key), a storm message is scored where it is read; keyed by sender
+        # (--storm-key sender) it takes the by-list hop: routed, produced again, fetched again.
+        by_sender = getattr(self.args, "storm_key", "list") == "sender"
+        storm_key = sender_key if by_sender else routing_key
 
         def send_storm(ev: dict) -> None:
             ev["timestamp"] = round(time.time(), 3)
             raw = enc.encode(ev)
             mid = ev["message_id"]
             sent[mid] = time.time()
-            producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw)).add_callback(
+            producer.send(EVENTS_TOPIC, value=raw, key=storm_key(raw)).add_callback(
                 lambda _meta, mid=mid: acked.__setitem__(mid, time.time()))
 
         # The background comes from its own process, as real traffic comes from the gateways:
@@ -611,14 +615,16 @@ class Bench:
                 load.kill()
                 load.wait()
         produced = background["produced"] + len(sent)  # every storm message was sent once
+        # the worker counts a by-list share as a record too: keyed by sender, each storm message is two
+        records = produced + (len(sent) if by_sender else 0)
         sent_seconds = max(time.monotonic() - start, background["seconds"])
-        backlog = produced - (worker_count(worker.url) - base_before)
+        backlog = records - (worker_count(worker.url) - base_before)
         # Wait for the worker to catch up and for the last freezes to show.
         deadline = time.monotonic() + 120
         consumed = worker_count(worker.url) - base_before
         while time.monotonic() < deadline:
             consumed = worker_count(worker.url) - base_before
-            if consumed >= produced:
+            if consumed >= records:
                 time.sleep(0.5)  # the last actions are published after the last record is counted
                 break
             time.sleep(0.1)
@@ -654,6 +660,7 @@ class Bench:
                             "what": STAGES[name]} for name, v in stages.items() if v}
         return {
             "stages": breakdown, "stages_traced": len(stages["produce"]), "stage_samples": traced,
+            "storms_keyed_by": "sender" if by_sender else "list",
             "background_target_eps": rate, "produced": produced, "produced_eps": produced / sent_seconds,
             "consumed": consumed, "backlog_when_production_stopped": backlog, "seconds": sent_seconds,
             "storms": len(storms), "frozen": len(visible),
