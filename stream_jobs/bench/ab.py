@@ -14,7 +14,9 @@ times it (:meth:`~stream_jobs.bench.phases.Bench.drain`). Variants:
 * ``worker``: ``stormguard run`` on the batch path (this checkout's code);
 * ``worker@LABEL``: the same, on the code of a git commit given with ``--code LABEL=REF`` (a
   ``git archive`` snapshot run with ``PYTHONSAFEPATH=1 PYTHONPATH=<snapshot>``): before/after A/Bs
-  of one change in one run.
+  of one change in one run;
+* ``VARIANT~NAME`` (any of the above but ``bare``): with the settings given by ``--env NAME:KEY=VALUE``
+  (repeatable), e.g. ``worker~nowait`` with ``--env nowait:STORMGUARD_ORDER_WAIT_MS=0``.
 
 Each round reports events/s (events of ``mail.events``: a sender-keyed run's by-list shares are
 counted by the worker as records and converted back, as the bench's sender-keyed phase does), events
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"any of {', '.join(BASE_VARIANTS)} or worker@LABEL (--code)")
     p.add_argument("--code", action="append", default=[], metavar="LABEL=REF",
                    help="a git commit whose worker runs as variant worker@LABEL (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="a setting of variants named VARIANT~NAME (repeatable)")
     p.add_argument("--engine", choices=("tansu", "kafka"), default="tansu")
     p.add_argument("--seed", type=int, default=2016)
     p.add_argument("--phase-timeout", type=float, default=300.0)
@@ -83,10 +87,17 @@ def _median(values: list) -> Optional[float]:
 def run(args: argparse.Namespace) -> dict:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     codes = dict(c.split("=", 1) for c in args.code)
+    envs: dict[str, dict] = {}
+    for spec in args.env:
+        name, _, setting = spec.partition(":")
+        k, _, val = setting.partition("=")
+        envs.setdefault(name, {})[k] = val
     for v in variants:
-        base, _, label = v.partition("@")
-        if base not in BASE_VARIANTS or (label and (base != "worker" or label not in codes)):
-            raise SystemExit(f"unknown variant {v!r} (worker@LABEL needs --code LABEL=REF)")
+        rest, _, env_name = v.partition("~")
+        base, _, label = rest.partition("@")
+        if base not in BASE_VARIANTS or (label and (base != "worker" or label not in codes)) \
+                or (env_name and (base == "bare" or env_name not in envs)):
+            raise SystemExit(f"unknown variant {v!r} (worker@LABEL needs --code LABEL=REF, X~NAME needs --env NAME:K=V)")
     bench = Bench(args)
     results: dict = {"command": " ".join(["python -m stream_jobs.bench.ab"] + sys.argv[1:]), "machine": machine(),
                      "events": args.events, "partitions": args.partitions, "keyed_by": args.keyed,
@@ -110,14 +121,15 @@ def run(args: argparse.Namespace) -> dict:
         for r in range(args.rounds):
             rnd: dict = {"load_before": list(os.getloadavg())}
             for v in variants:
-                base, _, label = v.partition("@")
-                extra = dict(code_env.get(label, {}))
+                rest, _, env_name = v.partition("~")
+                base, _, label = rest.partition("@")
+                extra = dict(code_env.get(label, {}), **envs.get(env_name, {}))
                 say(f"bench-ab: round {r + 1}/{args.rounds}, {v}")
                 if base == "bare":
                     out = bench.bare_aiokafka(broker, n)
                 elif base.startswith("noop"):
                     # the no-op agent reads mail.events only: no by-list shares to count
-                    extra.update(STORMGUARD_FAST_DRAIN="false" if base == "noop-stock" else "true")
+                    extra.setdefault("STORMGUARD_FAST_DRAIN", "false" if base == "noop-stock" else "true")
                     p = bench.noop(broker, **extra).start()
                     try:
                         p.wait_ready()
@@ -126,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
                         p.stop()
                 else:
                     if base == "worker-stock":
-                        extra["STORMGUARD_FAST_DRAIN"] = "false"
+                        extra.setdefault("STORMGUARD_FAST_DRAIN", "false")
                     out = bench.run_workers(broker, n + shares, 1, v, **extra)
                     # the worker counts by-list shares as records: report events of mail.events
                     per_event = n / (n + shares)
