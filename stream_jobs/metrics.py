@@ -2,7 +2,8 @@
 
 The worker calls two hooks and nothing else:
 
-* :func:`observe_event` after every record it consumed (scored or dead-lettered);
+* :func:`observe_events` after every batch of records it consumed (scored or dead-lettered;
+  :func:`observe_event` is the same for one record);
 * :func:`observe_consumer` from a 1-second timer (consumer lag, gauges).
 
 Issue 4's delivery code (webhooks, Grafana annotations, Mailman) uses
@@ -465,6 +466,50 @@ def observe_event(detector, outcome, produced_at: Optional[float]) -> None:
     for action in outcome.actions:
         observe_action(action, produced_at, now)
         changed = changed or action.kind != "alert"
+    if changed and detector is not None:
+        _refresh_detector_gauges()
+
+
+def observe_events(detector, observed: list) -> None:
+    """:func:`observe_event` for a batch: ``observed`` is ``(outcome, produced_at)`` per record, in order.
+
+    The same series move by the same amounts, but the clock is read once and each counter is
+    bumped once per batch (the worker scores hundreds of records a batch, and per-record calls
+    were a tenth of its time); a record's latency is to the end of its batch, when it is acked.
+    """
+    global _last_detector
+    if not observed:
+        return
+    now = time.time()
+    if detector is not None and _last_detector() is not detector:
+        _detectors.add(detector)
+        _last_detector = weakref.ref(detector)
+    record_latency, lag, top = RECORD_LATENCY.observe, EVENT_TIME_LAG.observe, TOP.observe
+    processed = deliveries = replies = 0
+    changed = False
+    for outcome, produced_at in observed:
+        if produced_at is not None:
+            record_latency(max(0.0, now - produced_at))
+        if outcome.error is not None:
+            EVENTS_INVALID.labels(reason=reason_category(outcome.error)).inc()
+        else:
+            processed += 1
+            event = outcome.event
+            if event is not None:
+                t = event.event_time
+                lag(max(0.0, now - t))
+                deliveries += event.deliveries
+                if event.lists:
+                    reply = event.is_reply
+                    replies += reply
+                    for address, members in event.lists.items():
+                        top(address, t, members, reply)
+        for action in outcome.actions:
+            observe_action(action, produced_at, now)
+            changed = changed or action.kind != "alert"
+    EVENTS_PROCESSED.inc(processed)
+    DELIVERIES.inc(deliveries)
+    REPLIES.inc(replies)
     if changed and detector is not None:
         _refresh_detector_gauges()
 

@@ -169,6 +169,7 @@ class StormguardWorker:
         now = time.monotonic()
         here = self._lists_owned_here() if self.local_shares else None
         local_shares = 0
+        observed: list = []  # (outcome, produced at) of each record, for the metrics, once per batch
         for event in events:
             raw = event.value
             raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
@@ -213,12 +214,13 @@ class StormguardWorker:
                 for action in outcome.actions:
                     metrics.observe_action(action, _record_time(event))
                 if outcome.error is not None:
-                    metrics.observe_event(detector, outcome, None)
+                    observed.append((outcome, None))
             else:
-                metrics.observe_event(detector, outcome, _record_time(event))
+                observed.append((outcome, _record_time(event)))
             for address in local:
                 await self.score_share_here(event, outcome.event, address, now)
             local_shares += len(local)
+        metrics.observe_events(detector, observed)
         # a share scored here counts as the by-list record it would have been
         self.records_consumed += local_shares
         self.records_consumed += len(events)  # scored, routed or dead-lettered
