@@ -143,11 +143,15 @@ class StormguardWorker:
         """Does the broker hold records of ``tp`` that this worker has not been handed yet?"""
         consumer = self.app.consumer._thread._ensure_consumer()  # the aiokafka consumer Faust runs
         state = consumer._subscription.subscription.assignment.state_value(tp)
-        if state is None or not state.has_valid_position:
+        if state is None:
             return False
+        if not state.has_valid_position:
+            return True  # its position is being looked up: what it holds is not known yet
         end = consumer.last_stable_offset(tp) if consumer._isolation_level == "read_committed" \
             else consumer.highwater(tp)
-        return end is not None and end > state.position
+        # no fetch answered yet: unknown, so waited for (the merge waits STORMGUARD_ORDER_WAIT_MS at most),
+        # or a partition fetched later than the others at a start lets them run ahead of it
+        return end is None or end > state.position
 
     # -- scoring ----------------------------------------------------------------------------
     async def score_batch(self, events: list) -> None:
