@@ -174,6 +174,11 @@ class StormguardWorker:
         here = self._lists_owned_here() if self.local_shares else None
         local_shares = 0
         observed: list = []  # (outcome, produced at) of each record, for the metrics, once per batch
+        # looked up once a batch, not once a record
+        by_list_name, unsaved, home = self.by_list_name, self.unsaved, self._home
+        score_here, process_decoded = self.score_here, self.process_raw_event
+        observe_processing, note = metrics.PROCESSING_SECONDS.observe, observed.append
+        crash_on = settings.crash_on_message_id
         for event in events:
             raw = event.value
             raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
@@ -184,46 +189,47 @@ class StormguardWorker:
             if decoded is None:
                 decoded = decode_record(raw)[1]
             local = ()
-            if message.topic == self.by_list_name:  # one list's share, routed here because we own the list
+            by_list = message.topic == by_list_name
+            if by_list:  # one list's share, routed here because we own the list
                 share = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else ""
-                outcome = self.process_raw_event(decoded, (share,))
+                outcome = process_decoded(decoded, (share,))
                 away = ()
             else:
-                outcome, away = self.score_here(decoded, event.key, message.partition)
+                outcome, away = score_here(decoded, event.key, message.partition)
                 if away and here:
-                    local = tuple(address for address in away if self._home[address] in here)
-            metrics.PROCESSING_SECONDS.observe(perf_counter() - started)
-            if settings.crash_on_message_id and outcome.event is not None \
-                    and outcome.event.message_id == settings.crash_on_message_id:
+                    local = tuple(address for address in away if home[address] in here)
+            observe_processing(perf_counter() - started)
+            if crash_on and outcome.event is not None and outcome.event.message_id == crash_on:
                 raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {settings.crash_on_message_id}")
             if outcome.error is not None:
                 await self.dead_letter(event, outcome.error)
             else:
                 for address in outcome.event.lists:
                     if address not in away:
-                        waiting = self.unsaved.get(address)
-                        self.unsaved[address] = (event, now if waiting is None else waiting[1])
+                        waiting = unsaved.get(address)
+                        unsaved[address] = (event, now if waiting is None else waiting[1])
                 for address in away:
                     if address in local:
                         continue
                     # stamped as the gateway stamped it: produce -> action stays the gateway's latency
-                    await self.by_list.send(key=address.encode(), value=raw, partition=self._home[address],
+                    await self.by_list.send(key=address.encode(), value=raw, partition=home[address],
                                             headers=event.headers, timestamp=_record_time(event))
             if outcome.actions:
                 # Tables partition their changelog by the record being processed (a freeze writes list_state).
                 _current_event.set(weakref.ref(event))
                 for action in outcome.actions:
                     await self.publish(action)
-            if message.topic == self.by_list_name:  # the message was counted where it was read
+            if by_list:  # the message was counted where it was read
                 for action in outcome.actions:
                     metrics.observe_action(action, _record_time(event))
                 if outcome.error is not None:
-                    observed.append((outcome, None))
+                    note((outcome, None))
             else:
-                observed.append((outcome, _record_time(event)))
-            for address in local:
-                await self.score_share_here(event, outcome.event, address, now)
-            local_shares += len(local)
+                note((outcome, _record_time(event)))
+            if local:
+                for address in local:
+                    await self.score_share_here(event, outcome.event, address, now)
+                local_shares += len(local)
         metrics.observe_events(detector, observed)
         # a share scored here counts as the by-list record it would have been
         self.records_consumed += local_shares
