@@ -177,7 +177,8 @@ class StormguardWorker:
         # looked up once a batch, not once a record
         by_list_name, unsaved, home = self.by_list_name, self.unsaved, self._home
         score_here, process_decoded = self.score_here, self.process_raw_event
-        observe_processing, note = metrics.PROCESSING_SECONDS.observe, observed.append
+        timings: list = []  # each record's detection time, for its histogram, once per batch
+        observe_processing, note = timings.append, observed.append
         crash_on = settings.crash_on_message_id
         for event in events:
             raw = event.value
@@ -231,6 +232,7 @@ class StormguardWorker:
                     await self.score_share_here(event, outcome.event, address, now)
                 local_shares += len(local)
         metrics.observe_events(detector, observed)
+        metrics.PROCESSING_SECONDS.observe_many(timings)
         # a share scored here counts as the by-list record it would have been
         self.records_consumed += local_shares
         self.records_consumed += len(events)  # scored, routed or dead-lettered

@@ -168,3 +168,23 @@ def test_a_batch_moves_every_series_as_its_records_one_by_one():
     assert one_by_one == batched
     assert batched["stormguard_events_processed_total"] == len(records) - 2 and batched["invalid"] == 2
     assert batched["frozen"] == 1 and batched["rates"]
+
+
+def test_a_histogram_fed_a_batch_counts_as_one_fed_each_value():
+    """``observe_many`` (the worker's, once per batch) puts each value in the bucket ``observe`` would,
+    bounds included, whatever the order."""
+    import random
+
+    rng = random.Random(19)
+    bounds = (0.001, 0.01, 0.1, 1.0, 10.0)
+    values = [rng.choice(bounds) for _ in range(200)] + [rng.uniform(0, 20) for _ in range(800)] + [0.0, 99.0]
+    one = metrics.RecordHistogram("one_by_one", "test", bounds)
+    many = metrics.RecordHistogram("batched", "test", bounds)
+    for v in values:
+        one.observe(v)
+    rng.shuffle(values)
+    for i in range(0, len(values), 300):
+        many.observe_many(values[i:i + 300])
+    many.observe_many([])
+    assert many.counts == one.counts and sum(many.counts) == len(values)
+    assert many.sum == pytest.approx(one.sum)
