@@ -18,7 +18,11 @@ Kafka Streams picks the partition with the oldest head record:
   caught up holds nothing back, so live traffic is not delayed;
 * so that nothing can stall for good, the merge waits at most ``max_wait``
   seconds, and holds at most ``max_held`` records; past either it lets the
-  oldest through (counted in ``released_early``).
+  oldest through (counted in ``released_early``). So that a partition slow to
+  arrive does not see the others fill ``max_held``, the worker's consumer
+  fetches no more of a partition of which ``max_held_per_partition`` records
+  are held (:meth:`EventTimeScheduler.full`): they wait in the Kafka client's
+  buffer, as in Kafka Streams' ``buffered.records.per.partition``.
 
 Order within a partition is never changed, so offsets, gaps and commits are
 Faust's as before; held records are not acked, so a crash re-reads them.
@@ -82,6 +86,10 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
     generation: Callable[[], Any] = staticmethod(lambda: None)
     max_wait: float = 2.0
     max_held: int = 50_000
+    #: Records held of one partition past which the consumer fetches no more of it (:meth:`full`) until
+    #: the merge has let them through: one partition slow to give its first records must not see the
+    #: others fill ``max_held`` (which lets the oldest through out of order).
+    max_held_per_partition: int = 1_000
     #: Set by the worker: ``raw -> (event time, decoded)`` for records of ordered topics, where decoded is
     #: handed on with the record (:meth:`iterate_decoded`); None: only the event time is read.
     decode: Optional[Callable[[Any], tuple[float, Any]]] = None
@@ -170,6 +178,22 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
             elif self._behind(tp):
                 limit = min(limit, last_time.get(tp, -math.inf))
         self._stuck_since = None
+
+    def full(self) -> frozenset:
+        """Partitions holding ``max_held_per_partition`` records or more: not to be fetched for now.
+
+        >>> from collections import namedtuple
+        >>> TP, Rec = namedtuple("TP", "topic partition"), namedtuple("Rec", "offset value")
+        >>> s = EventTimeScheduler(ordered_topics={"t"}); s.max_held_per_partition = 2
+        >>> s.assigned = lambda: [TP("t", 0), TP("t", 1)]
+        >>> s.has_backlog = lambda tp: True  # partition 1 has given nothing yet: partition 0 is held
+        >>> list(s.iterate({TP("t", 0): [Rec(i, b'{"timestamp": %d}' % i) for i in range(3)]}))
+        []
+        >>> sorted(tp.partition for tp in s.full())
+        [0]
+        """
+        cap = self.max_held_per_partition
+        return frozenset(tp for tp, buf in self._held.items() if len(buf) >= cap)
 
     def _assigned(self) -> Iterable[Any]:
         check = self.assigned

@@ -393,6 +393,18 @@ class BatchConsumer(BatchDrainConsumer):
         finally:
             unset_flag(CONSUMER_FETCHING)
 
+    async def _getmany(self, active_partitions, timeout: float):  # pragma: no cover - runs in the worker
+        """Faust's, without the partitions the scheduler holds enough of (its ``full()``, if it has one):
+        their records stay in aiokafka's buffer, and aiokafka fetches no more of them meanwhile."""
+        full = getattr(self.scheduler, "full", None)
+        if full is not None and active_partitions:
+            held = full()
+            if held:
+                active_partitions = set(active_partitions) - held
+                if not active_partitions:  # every partition held: let the merge move first
+                    return {}
+        return await super()._getmany(active_partitions, timeout)
+
     async def _deliver_fetch(self, records: Mapping, active: Optional[set], handlers: dict) -> None:
         generation = self.app.consumer_generation_id
         buffered = self._buffered_partitions
