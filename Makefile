@@ -11,7 +11,7 @@ APT_PACKAGES := prometheus prometheus-alertmanager postfix openssl openjdk-17-jr
 KAFKA_VERSION := 3.9.0
 KAFKA_STAMP := .kafka/$(KAFKA_VERSION)/.installed
 
-.PHONY: install demo test test-fast bench clean apt
+.PHONY: install demo test test-fast bench bench-ab clean apt
 
 install: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP)
 	@PYTHON=$(PYTHON) sh deploy/mailman/install.sh
@@ -57,6 +57,11 @@ test-fast: install
 bench: install
 	@$(PY) -m stream_jobs.bench --engine tansu
 	@$(PY) -m stream_jobs.bench --engine kafka --exactly-once --out bench-results-kafka.json
+
+# issue 19's A/B: bare aiokafka, stock Faust's no-op, the worker on stock Faust and on the batch path, side by
+# side in three interleaved rounds over 100,000 sender-keyed events on 8 partitions (bench-ab.json)
+bench-ab: install
+	@$(PY) -m stream_jobs.bench.ab
 
 clean:
 	rm -rf $(VENV) .venv-mailman .pytest_cache .hypothesis .stormguard out .kafka

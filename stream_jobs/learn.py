@@ -294,6 +294,7 @@ def _learn(args) -> int:
     from tqdm import tqdm
 
     from detectors.engine import StormDetector
+    from stream_jobs.kafka.preflight import BrokerUnreachable, check_brokers
     from stream_jobs.kafka.replay import bootstrap_servers, kafka_security
     from stream_jobs.kafka.topics import TopicMismatch, ensure_topics
     from stream_jobs.settings import WorkerSettings, policy_from_env
@@ -311,11 +312,16 @@ def _learn(args) -> int:
         return 2
     try:
         try:
+            # a wrong password or CA says so at once, not as kafka-python's retries until its timeout
+            check_brokers(servers, settings)
             partitions = ensure_topics(broker, settings.partitions, settings.app_id)
             consumer = _consumer(servers, security)
         except TopicMismatch as exc:
             print(f"stormguard learn: {exc}", file=sys.stderr)
             return 2
+        except BrokerUnreachable as exc:
+            print(f"stormguard learn: {exc}", file=sys.stderr)
+            return 1
         except KafkaError as exc:
             print(f"stormguard learn: cannot reach the broker at {broker}: {exc}", file=sys.stderr)
             return 1

@@ -2,7 +2,8 @@
 
 The worker calls two hooks and nothing else:
 
-* :func:`observe_event` after every record it consumed (scored or dead-lettered);
+* :func:`observe_events` after every batch of records it consumed (scored or dead-lettered;
+  :func:`observe_event` is the same for one record);
 * :func:`observe_consumer` from a 1-second timer (consumer lag, gauges).
 
 Issue 4's delivery code (webhooks, Grafana annotations, Mailman) uses
@@ -105,6 +106,24 @@ class RecordHistogram(Collector):
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def observe_many(self, values: list) -> None:
+        """:meth:`observe` each of ``values`` (a batch's, in any order): one sort and a bisect per bucket.
+
+        >>> h = RecordHistogram("demo_many", "Demo", (0.1, 1.0))
+        >>> h.observe_many([7.0, 0.1, 0.5, 0.05]); h.counts, h.sum
+        ([2, 1, 1], 7.65)
+        """
+        if not values:
+            return
+        values = sorted(values)
+        counts, below = self.counts, 0
+        for i, bound in enumerate(self.bounds):
+            upto = bisect.bisect_right(values, bound)  # values <= bound: bucket i, as bisect_left places them
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(values) - below
+        self.sum += sum(values)
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         cumulative, buckets = 0, []
@@ -465,6 +484,54 @@ def observe_event(detector, outcome, produced_at: Optional[float]) -> None:
     for action in outcome.actions:
         observe_action(action, produced_at, now)
         changed = changed or action.kind != "alert"
+    if changed and detector is not None:
+        _refresh_detector_gauges()
+
+
+def observe_events(detector, observed: list) -> None:
+    """:func:`observe_event` for a batch: ``observed`` is ``(outcome, produced_at)`` per record, in order.
+
+    The same series move by the same amounts, but the clock is read once and each counter is
+    bumped once per batch (the worker scores hundreds of records a batch, and per-record calls
+    were a tenth of its time); a record's latency is to the end of its batch, when it is acked.
+    """
+    global _last_detector
+    if not observed:
+        return
+    now = time.time()
+    if detector is not None and _last_detector() is not detector:
+        _detectors.add(detector)
+        _last_detector = weakref.ref(detector)
+    latencies: list = []
+    lags: list = []
+    record_latency, lag, top = latencies.append, lags.append, TOP.observe
+    processed = deliveries = replies = 0
+    changed = False
+    for outcome, produced_at in observed:
+        if produced_at is not None:
+            record_latency(max(0.0, now - produced_at))
+        if outcome.error is not None:
+            EVENTS_INVALID.labels(reason=reason_category(outcome.error)).inc()
+        else:
+            processed += 1
+            event = outcome.event
+            if event is not None:
+                t = event.event_time
+                lag(max(0.0, now - t))
+                deliveries += event.deliveries
+                if event.lists:
+                    reply = event.is_reply
+                    replies += reply
+                    for address, members in event.lists.items():
+                        top(address, t, members, reply)
+        for action in outcome.actions:
+            observe_action(action, produced_at, now)
+            changed = changed or action.kind != "alert"
+    RECORD_LATENCY.observe_many(latencies)
+    EVENT_TIME_LAG.observe_many(lags)
+    EVENTS_PROCESSED.inc(processed)
+    DELIVERIES.inc(deliveries)
+    REPLIES.inc(replies)
     if changed and detector is not None:
         _refresh_detector_gauges()
 

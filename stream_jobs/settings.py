@@ -315,7 +315,8 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "`<app id>-history` so restarts and other workers agree, and shown in `/healthz` and "
      "`stormguard_history_*`. `false`: act on everything. `STORMGUARD_LEARN_ONLY_UNTIL` sets the cut-off by hand"),
     ("STORMGUARD_ORDER_WAIT_MS", "2000", "longest wait, in milliseconds, for a partition that is behind "
-     "(the broker has more of it) before newer events from the other partitions are scored anyway; the worker "
+     "(the broker has more of it, or no fetch of it has been answered yet) before newer events from the other "
+     "partitions are scored anyway (the wait starts again each time the merge moves on); the worker "
      "scores a list's events oldest first across partitions (`stream_jobs/worker/event_order.py`), and caught-up "
      "partitions never hold anything back"),
     ("STORMGUARD_LATENCY_TRACE", "false", "`true`: one `latency-trace {json}` log line per freeze, with the "

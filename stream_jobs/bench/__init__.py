@@ -33,5 +33,7 @@ machine they came from. Nothing here is a pass/fail threshold.
 
 Rooms: :mod:`~stream_jobs.bench.traffic` (the events), :mod:`~stream_jobs.bench.phases` (what is
 measured), :mod:`~stream_jobs.bench.report` (ratios and the table), :mod:`~stream_jobs.bench.load`
-(the background producer process), :mod:`~stream_jobs.bench.noop` (the no-op Faust app).
+(the background producer process), :mod:`~stream_jobs.bench.noop` (the no-op Faust app),
+:mod:`~stream_jobs.bench.ab` (``make bench-ab``: consumers, and the worker of other commits, side by
+side in interleaved rounds).
 """

@@ -78,10 +78,15 @@ def kafka_classpath() -> str:
 def random_cluster_id() -> str:
     """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (as ``kafka-storage random-uuid``).
 
-    >>> len(random_cluster_id())
-    22
+    >>> len(random_cluster_id()), any(random_cluster_id().startswith("-") for _ in range(2000))
+    (22, False)
     """
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        # Kafka's own Uuid.randomUuid() skips ids that start with "-" too: kafka-storage would read one as an option
+        # (seen: "argument --cluster-id/-t: expected one argument", one start in 64)
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def brokers_in_metadata(host: str, port: int, timeout: float = 1.0) -> int:

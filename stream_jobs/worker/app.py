@@ -29,18 +29,19 @@ from typing import Any, Optional
 import faust
 import msgspec
 from faust.sensors import Sensor
+from faust.types import TP
 from faust.streams import _current_event  # faust-streaming 0.15 (pinned): the record a table write belongs to
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from detectors.engine import ListStatus, Outcome, StormDetector, process_raw
-from detectors.events import InvalidEvent, parse_event
+from detectors.engine import ListStatus, Outcome, StormDetector
+from detectors.events import InvalidEvent, MailEvent, parse_event
 from detectors.policy import Action, encode_action, shadow
 from kafka.partitioner.default import murmur2
 
 from stream_jobs import metrics
-from stream_jobs.worker.event_order import EventTimeScheduler
+from stream_jobs.worker.event_order import EventTimeScheduler, event_time_of
+from stream_jobs.worker.faust_tuning import RawSchema, RecordEvent, StormguardApp
 from stream_jobs.worker.latency_trace import LatencyTrace
-from stream_jobs.worker.faust_tuning import RawSchema, StormguardApp
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
                                   THREAD_WATCH_TOPIC, WorkerSettings, by_list_topic, secret)
 
@@ -82,17 +83,26 @@ class StormguardWorker:
             ordered_topics = frozenset({EVENTS_TOPIC, self.by_list_name})
             max_wait = settings.order_wait_ms / 1000.0
             has_backlog = staticmethod(self._has_backlog)
+            assigned = staticmethod(lambda: worker.app.consumer.assignment())
             generation = staticmethod(lambda: worker.app.consumer_generation_id)
+            # the batch path hands what the merge decoded on to the scorer; elsewhere only the time is read
+            decode = staticmethod(decode_record) if settings.fast_drain and not settings.exactly_once else None
 
             if settings.latency_trace:
                 def iterate(self, records):
                     return worker.trace.iterate(super().iterate, records, self.ordered_topics)
+
+                def iterate_decoded(self, records):  # what the batch consumer calls
+                    return worker.trace.iterate(super().iterate_decoded, records, self.ordered_topics)
 
         #: STORMGUARD_LATENCY_TRACE: where each freeze's time went, one log line per freeze (None: off)
         self.trace = LatencyTrace() if settings.latency_trace else None
 
         app = self.app = StormguardApp.from_settings(settings, ConsumerScheduler=EventOrder)
         app.stormguard = self  # what the agents and views share, for whoever holds only the app
+        #: Shares of lists whose by-list partition this worker reads are scored at once, not sent through the
+        #: broker and read back (:meth:`score_share_here`); the batch path only (exactly-once keeps its transactions).
+        self.local_shares = app.fast_drain and app.scoring is None
 
         # Bytes on the wire both ways: the detectors decode events themselves (msgspec).
         # The scoring agent reads mail.events as producers keyed it (by list, by sender or not at all) and the
@@ -147,11 +157,15 @@ class StormguardWorker:
         """Does the broker hold records of ``tp`` that this worker has not been handed yet?"""
         consumer = self.app.consumer._thread._ensure_consumer()  # the aiokafka consumer Faust runs
         state = consumer._subscription.subscription.assignment.state_value(tp)
-        if state is None or not state.has_valid_position:
+        if state is None:
             return False
+        if not state.has_valid_position:
+            return True  # its position is being looked up: what it holds is not known yet
         end = consumer.last_stable_offset(tp) if consumer._isolation_level == "read_committed" \
             else consumer.highwater(tp)
-        return end is not None and end > state.position
+        # no fetch answered yet: unknown, so waited for (the merge waits STORMGUARD_ORDER_WAIT_MS at most),
+        # or a partition fetched later than the others at a start lets them run ahead of it
+        return end is None or end > state.position
 
     # -- scoring ----------------------------------------------------------------------------
     async def score_batch(self, events: list) -> None:
@@ -172,31 +186,49 @@ class StormguardWorker:
         settings, detector, trace = self.settings, self.detector, self.trace
         now = time.monotonic()
         batch_start = time.time() if trace is not None else 0.0
+        here = self._lists_owned_here() if self.local_shares else None
+        local_shares = 0
+        observed: list = []  # (outcome, produced at) of each record, for the metrics, once per batch
+        # looked up once a batch, not once a record
+        by_list_name, unsaved, home = self.by_list_name, self.unsaved, self._home
+        score_here, process_decoded = self.score_here, self.process_raw_event
+        timings: list = []  # each record's detection time, for its histogram, once per batch
+        observe_processing, note = timings.append, observed.append
+        crash_on = settings.crash_on_message_id
         for index, event in enumerate(events):
             raw = event.value
             raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
             message = event.message
             started = perf_counter()
-            if message.topic == self.by_list_name:  # one list's share, routed here because we own the list
+            # decoded once, by the event-time merge (worker/event_order.py), on the batch path
+            decoded = getattr(event, "decoded", None)
+            if decoded is None:
+                decoded = decode_record(raw)[1]
+            local = ()
+            by_list = message.topic == by_list_name
+            if by_list:  # one list's share, routed here because we own the list
                 share = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else ""
-                outcome = process_raw(detector, raw, (share,))
+                outcome = process_decoded(decoded, (share,))
                 away = ()
             else:
-                outcome, away = self.score_here(raw, event.key, message.partition)
-            metrics.PROCESSING_SECONDS.observe(perf_counter() - started)
-            if settings.crash_on_message_id and outcome.event is not None \
-                    and outcome.event.message_id == settings.crash_on_message_id:
+                outcome, away = score_here(decoded, event.key, message.partition)
+                if away and here:
+                    local = tuple(address for address in away if home[address] in here)
+            observe_processing(perf_counter() - started)
+            if crash_on and outcome.event is not None and outcome.event.message_id == crash_on:
                 raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {settings.crash_on_message_id}")
             if outcome.error is not None:
                 await self.dead_letter(event, outcome.error)
             else:
                 for address in outcome.event.lists:
                     if address not in away:
-                        waiting = self.unsaved.get(address)
-                        self.unsaved[address] = (event, now if waiting is None else waiting[1])
+                        waiting = unsaved.get(address)
+                        unsaved[address] = (event, now if waiting is None else waiting[1])
                 for address in away:
+                    if address in local:
+                        continue
                     # stamped as the gateway stamped it: produce -> action stays the gateway's latency
-                    await self.by_list.send(key=address.encode(), value=raw, partition=self._home[address],
+                    await self.by_list.send(key=address.encode(), value=raw, partition=home[address],
                                             headers=event.headers, timestamp=_record_time(event))
             if outcome.actions:
                 # Tables partition their changelog by the record being processed (a freeze writes list_state).
@@ -210,13 +242,21 @@ class StormguardWorker:
                 # after the rest of the batch is scored (its send task starts on the third turn of the loop).
                 for _ in range(HAND_OVER_TURNS):
                     await asyncio.sleep(0)
-            if message.topic == self.by_list_name:  # the message was counted where it was read
+            if by_list:  # the message was counted where it was read
                 for action in outcome.actions:
                     metrics.observe_action(action, _record_time(event))
                 if outcome.error is not None:
-                    metrics.observe_event(detector, outcome, None)
+                    note((outcome, None))
             else:
-                metrics.observe_event(detector, outcome, _record_time(event))
+                note((outcome, _record_time(event)))
+            if local:
+                for address in local:
+                    await self.score_share_here(event, outcome.event, address, now)
+                local_shares += len(local)
+        metrics.observe_events(detector, observed)
+        metrics.PROCESSING_SECONDS.observe_many(timings)
+        # a share scored here counts as the by-list record it would have been
+        self.records_consumed += local_shares
         self.records_consumed += len(events)  # scored, routed or dead-lettered
         if self.live_since is None:
             self._note_history()
@@ -227,6 +267,49 @@ class StormguardWorker:
         self.catching_up = newest is not None and time.time() - newest > CATCH_UP_S
         if not self.catching_up:
             self.save_models(changed_before=time.monotonic() - self.model_save_s)
+
+    def _lists_owned_here(self) -> frozenset:
+        """Partitions of the by-list topic this worker reads now: the lists it owns."""
+        try:
+            assigned = self.app.consumer.assignment()
+        except Exception:  # not started, or between rebalances: send every share through the broker
+            return frozenset()
+        name = self.by_list_name
+        return frozenset(tp.partition for tp in assigned if tp.topic == name)
+
+    async def score_share_here(self, source, event: MailEvent, address: str, now: float) -> None:
+        """Score one list's share of ``source`` (a record of mail.events) here: this worker owns the list.
+
+        What reading the share back from the by-list topic would do, without the trip through the
+        broker: the same detector call, in the merge's order (the share has its message's event time,
+        which the merge has just reached). Its writes are made as the by-list record's would be: list
+        models and list state go to the changelog partition of the list's by-list partition, so the
+        worker that owns that partition after a rebalance restores them; the offset of ``source``, and
+        the changed models (written before each commit), keep it at least once, as a share sent and
+        read back is.
+        """
+        home = self._home[address]
+        share = RecordEvent(self.by_list_name, home, source.message.offset, source.message.timestamp,
+                            address.encode(), source.value, source.headers,
+                            TP(self.by_list_name, home))
+        outcome = self.process_raw_event(event, (address,))
+        if outcome.error is not None:
+            await self.dead_letter(source, outcome.error)
+            metrics.observe_event(self.detector, outcome, None)
+            return
+        waiting = self.unsaved.get(address)
+        self.unsaved[address] = (share, now if waiting is None else waiting[1])
+        if outcome.actions:
+            _current_event.set(weakref.ref(share))
+            scored = time.time() if self.trace is not None else 0.0
+            for action in outcome.actions:
+                sent = await self.publish(action)
+                if self.trace is not None and action.kind == "freeze":  # timed as its source record
+                    self.trace.freeze(source, outcome, 0, 1, scored, scored, sent)
+            for _ in range(HAND_OVER_TURNS):  # as in score_batch: the decision goes out now
+                await asyncio.sleep(0)
+            for action in outcome.actions:
+                metrics.observe_action(action, _record_time(source))
 
     def _note_history(self) -> None:
         detector, settings = self.detector, self.settings
@@ -245,7 +328,7 @@ class StormguardWorker:
             home = self._home[address] = (murmur2(address.encode()) & 0x7FFFFFFF) % self.settings.partitions
         return home
 
-    def score_here(self, raw: bytes, key: Any, partition: int):
+    def score_here(self, raw: "bytes | MailEvent | InvalidEvent", key: Any, partition: int):
         """Score a record of mail.events here, or name the lists whose shares must be routed.
 
         A list is owned by partition ``murmur2(list) % partitions`` of the by-list topic (Java's and
@@ -256,12 +339,11 @@ class StormguardWorker:
         one worker that owns it in one partition, in the order this worker read them (oldest first,
         :mod:`stream_jobs.worker.event_order`). Mail to no list is scored where it is read.
         """
+        event = decode_record(raw)[1] if isinstance(raw, bytes) else raw
+        if isinstance(event, InvalidEvent):
+            return Outcome([], str(event) or event.__class__.__name__), ()
         if self.settings.partitions == 1:
-            return process_raw(self.detector, raw), ()
-        try:
-            event = parse_event(raw)
-        except InvalidEvent as exc:
-            return Outcome([], str(exc) or exc.__class__.__name__), ()
+            return self.process_raw_event(event), ()
         lists = event.lists
         if not lists:
             return self.process_raw_event(event), ()
@@ -275,6 +357,8 @@ class StormguardWorker:
         return Outcome([], None, event), away
 
     def process_raw_event(self, event, lists=None) -> Outcome:
+        if isinstance(event, InvalidEvent):  # as decode_record hands it on
+            return Outcome([], str(event) or event.__class__.__name__)
         try:
             return Outcome(self.detector.process(event, lists), None, event)
         except InvalidEvent as exc:
@@ -678,6 +762,23 @@ def thread_watch_record(action: Action) -> bytes:
                                 "since": action.event_time, "storm": action.kind == "freeze",
                                 "detector": action.detector, "reason": action.reason, "actor": action.actor,
                                 "action_id": action.action_id})
+
+
+def decode_record(raw: Any) -> tuple[float, Any]:
+    """A record's event time and its event decoded (a :class:`MailEvent`), or the :class:`InvalidEvent` that
+    says why it is not one: the event-time merge decodes each record once, and the scorer takes that on.
+
+    >>> decode_record(b'{"message_id": "m", "timestamp": 5, "sender": "a@x", "recipients": ["b@x"]}')[0]
+    5.0
+    >>> t, why = decode_record(b'{"timestamp": 7}'); t, type(why).__name__
+    (7.0, 'InvalidEvent')
+    """
+    raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
+    try:
+        event = parse_event(raw)
+    except InvalidEvent as exc:
+        return event_time_of(raw), exc  # still placed by its timestamp, if it has one, as before
+    return event.event_time, event
 
 
 def _record_time(event) -> Optional[float]:

@@ -13,11 +13,16 @@ Kafka Streams picks the partition with the oldest head record:
   event first (the payload's own ``timestamp``, not the record's);
 * a partition that has run dry but still has records in the broker (its
   position is behind its high-water mark) holds back every record newer than
-  the last one it gave, until its next fetch arrives; a partition that is
+  the last one it gave, until its next fetch arrives (one that has given
+  nothing yet holds back everything); a partition that is
   caught up holds nothing back, so live traffic is not delayed;
 * so that nothing can stall for good, the merge waits at most ``max_wait``
   seconds, and holds at most ``max_held`` records; past either it lets the
-  oldest through (counted in ``released_early``).
+  oldest through (counted in ``released_early``). So that a partition slow to
+  arrive does not see the others fill ``max_held``, the worker's consumer
+  fetches no more of a partition of which ``max_held_per_partition`` records
+  are held (:meth:`EventTimeScheduler.full`): they wait in the Kafka client's
+  buffer, as in Kafka Streams' ``buffered.records.per.partition``.
 
 Order within a partition is never changed, so offsets, gaps and commits are
 Faust's as before; held records are not acked, so a crash re-reads them.
@@ -73,11 +78,21 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
     ordered_topics: frozenset = frozenset()
     #: Set by the worker: ``tp -> bool``, whether the broker holds records of ``tp`` not fetched yet.
     has_backlog: Optional[Callable[[Any], bool]] = None
+    #: Set by the worker: the partitions assigned to this worker. One that has not given a record yet holds
+    #: back the others as one run dry does (the first fetch rarely brings every partition at once).
+    assigned: Optional[Callable[[], Iterable[Any]]] = None
     #: Set by the worker: a number that changes on every rebalance (held records are dropped then:
     #: Faust seeks back to the committed offsets and fetches them again).
     generation: Callable[[], Any] = staticmethod(lambda: None)
     max_wait: float = 2.0
     max_held: int = 50_000
+    #: Records held of one partition past which the consumer fetches no more of it (:meth:`full`) until
+    #: the merge has let them through: one partition slow to give its first records must not see the
+    #: others fill ``max_held`` (which lets the oldest through out of order).
+    max_held_per_partition: int = 1_000
+    #: Set by the worker: ``raw -> (event time, decoded)`` for records of ordered topics, where decoded is
+    #: handed on with the record (:meth:`iterate_decoded`); None: only the event time is read.
+    decode: Optional[Callable[[Any], tuple[float, Any]]] = None
 
     def __init__(self, ordered_topics: Optional[Iterable[str]] = None, clock: Callable[[], float] = time.monotonic):
         if ordered_topics is not None:
@@ -96,6 +111,15 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
         return self._n_held
 
     def iterate(self, records: Mapping[Any, list]) -> Iterator[tuple[Any, Any]]:
+        for tp, record, _ in self.iterate_decoded(records):
+            yield tp, record
+
+    def iterate_decoded(self, records: Mapping[Any, list]) -> Iterator[tuple[Any, Any, Any]]:
+        """:meth:`iterate`, each record with what :attr:`decode` made of it (None for unordered topics).
+
+        The merge must read every ordered record's event time anyway; with a :attr:`decode` that
+        parses the whole event, the consumer hands that on, and the record is decoded once.
+        """
         generation = self.generation()
         if generation != self._generation:
             self._generation = generation
@@ -104,6 +128,7 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
             self._n_held = 0
         others = {}
         ordered = self.ordered_topics
+        decode = self.decode
         for tp, batch in records.items():
             if tp.topic not in ordered:
                 others[tp] = batch
@@ -111,39 +136,73 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
             buf = self._held.get(tp)
             if buf is None:
                 buf = self._held[tp] = deque()
-            for record in batch:
-                buf.append((event_time_of(record.value), record))
+            if decode is None:
+                for record in batch:
+                    buf.append((event_time_of(record.value), None, record))
+            else:
+                for record in batch:
+                    buf.append((*decode(record.value), record))
             self._n_held += len(batch)
         if others:
-            yield from super().iterate(others)
+            for tp, record in super().iterate(others):
+                yield tp, record, None
         if self._n_held:
             yield from self._merge()
 
-    def _merge(self) -> Iterator[tuple[Any, Any]]:
+    def _merge(self) -> Iterator[tuple[Any, Any, Any]]:
         held, last_time = self._held, self._last_time
         heap = [(buf[0][0], tp) for tp, buf in held.items() if buf]
         heapq.heapify(heap)
-        # records newer than this wait: some partition ran dry while the broker still has more of it
-        limit = min((last_time.get(tp, -math.inf) for tp, buf in held.items() if not buf and self._behind(tp)),
-                    default=math.inf)
+        # records newer than this wait: some partition ran dry, or has given nothing yet, while the broker
+        # still has more of it
+        dry = [tp for tp, buf in held.items() if not buf]
+        dry.extend(tp for tp in self._assigned() if tp not in held)
+        limit = min((last_time.get(tp, -math.inf) for tp in dry if self._behind(tp)), default=math.inf)
+        released = False
         while heap:
             t, tp = heap[0]
             if t > limit:
-                if self._n_held <= self.max_held and self._may_wait():
+                if self._n_held <= self.max_held and self._may_wait(released):
                     return
                 self.released_early += 1
             heapq.heappop(heap)
             buf = held[tp]
-            _, record = buf.popleft()
+            entry = buf.popleft()
             self._n_held -= 1
             if t > last_time.get(tp, -math.inf):
                 last_time[tp] = t
-            yield tp, record
+            released = True
+            yield tp, entry[-1], entry[1]
             if buf:
                 heapq.heappush(heap, (buf[0][0], tp))
             elif self._behind(tp):
                 limit = min(limit, last_time.get(tp, -math.inf))
         self._stuck_since = None
+
+    def full(self) -> frozenset:
+        """Partitions holding ``max_held_per_partition`` records or more: not to be fetched for now.
+
+        >>> from collections import namedtuple
+        >>> TP, Rec = namedtuple("TP", "topic partition"), namedtuple("Rec", "offset value")
+        >>> s = EventTimeScheduler(ordered_topics={"t"}); s.max_held_per_partition = 2
+        >>> s.assigned = lambda: [TP("t", 0), TP("t", 1)]
+        >>> s.has_backlog = lambda tp: True  # partition 1 has given nothing yet: partition 0 is held
+        >>> list(s.iterate({TP("t", 0): [Rec(i, b'{"timestamp": %d}' % i) for i in range(3)]}))
+        []
+        >>> sorted(tp.partition for tp in s.full())
+        [0]
+        """
+        cap = self.max_held_per_partition
+        return frozenset(tp for tp, buf in self._held.items() if len(buf) >= cap)
+
+    def _assigned(self) -> Iterable[Any]:
+        check = self.assigned
+        if check is None:
+            return ()
+        try:
+            return [tp for tp in check() if tp.topic in self.ordered_topics]
+        except Exception:  # between rebalances: nothing known, nothing to wait for
+            return ()
 
     def _behind(self, tp: Any) -> bool:
         check = self.has_backlog
@@ -154,9 +213,11 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
         except Exception:  # between rebalances: nothing known, nothing to wait for
             return False
 
-    def _may_wait(self) -> bool:
+    def _may_wait(self, released: bool) -> bool:
         now = self._clock()
-        if self._stuck_since is None:
+        if self._stuck_since is None or released:
+            # a wait starts when the merge stops moving: one that moved on since the last wait is a new wait
+            # (a wait timed from the first ever, when records keep trickling in, let everything through early)
             self._stuck_since = now
         return now - self._stuck_since < self.max_wait
 

@@ -308,12 +308,15 @@ class RecordEvent:
     (3, True)
     """
 
-    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "headers", "tp", "__weakref__")
+    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "headers", "tp", "decoded",
+                 "__weakref__")
 
     def __init__(self, topic: str, partition: int, offset: int, timestamp: Optional[float], key: Any,
-                 value: Any, headers: Any, tp: Any) -> None:
+                 value: Any, headers: Any, tp: Any, decoded: Any = None) -> None:
         self.topic, self.partition, self.offset, self.timestamp = topic, partition, offset, timestamp
         self.key, self.value, self.headers, self.tp = key, value, headers, tp
+        #: what the consumer's scheduler decoded of ``value`` while merging (its ``decode``), else None
+        self.decoded = decoded
 
     @property
     def message(self) -> "RecordEvent":
@@ -390,6 +393,18 @@ class BatchConsumer(BatchDrainConsumer):
         finally:
             unset_flag(CONSUMER_FETCHING)
 
+    async def _getmany(self, active_partitions, timeout: float):  # pragma: no cover - runs in the worker
+        """Faust's, without the partitions the scheduler holds enough of (its ``full()``, if it has one):
+        their records stay in aiokafka's buffer, and aiokafka fetches no more of them meanwhile."""
+        full = getattr(self.scheduler, "full", None)
+        if full is not None and active_partitions:
+            held = full()
+            if held:
+                active_partitions = set(active_partitions) - held
+                if not active_partitions:  # every partition held: let the merge move first
+                    return {}
+        return await super()._getmany(active_partitions, timeout)
+
     async def _deliver_fetch(self, records: Mapping, active: Optional[set], handlers: dict) -> None:
         generation = self.app.consumer_generation_id
         buffered = self._buffered_partitions
@@ -398,7 +413,10 @@ class BatchConsumer(BatchDrainConsumer):
         others: list = []
         last: dict = {}  # tp -> the offset before the next record of tp (read offset, then this fetch's)
         gaps: list = []
-        for tp, record in self.scheduler.iterate(records):
+        scheduler = self.scheduler
+        iterate = getattr(scheduler, "iterate_decoded", None)
+        pairs = iterate(records) if iterate is not None else ((tp, r, None) for tp, r in scheduler.iterate(records))
+        for tp, record, decoded in pairs:
             if active is not None and tp not in active and tp not in buffered:
                 continue
             handler = handlers.get(tp.topic)
@@ -417,7 +435,7 @@ class BatchConsumer(BatchDrainConsumer):
             if batch is None:
                 batch = pending[handler] = []
             batch.append(RecordEvent(record.topic, record.partition, offset, None if ts is None else ts / 1000.0,
-                                     record.key, record.value, record.headers, tp))
+                                     record.key, record.value, record.headers, tp, decoded))
         if others:
             await self.wait_first(self._deliver(self._as_messages(others)), self.suspend_flow.wait())
         if not pending or not self.flow_active or generation != self.app.consumer_generation_id:

@@ -44,8 +44,9 @@ class LatencyTrace:
             for key in list(d)[: len(d) - self.keep // 2]:
                 del d[key]
 
-    def iterate(self, iterate, records, ordered: frozenset) -> Iterator[tuple[Any, Any]]:
-        """The scheduler's ``iterate(records)``, noting when each record of ``ordered`` topics came and went."""
+    def iterate(self, iterate, records, ordered: frozenset) -> Iterator[tuple]:
+        """The scheduler's ``iterate(records)`` (or ``iterate_decoded``: each item starts with the partition and
+        the record), noting when each record of ``ordered`` topics came and went."""
         now = time.time()
         fetched = self.fetched
         for tp, batch in records.items():
@@ -54,9 +55,10 @@ class LatencyTrace:
                     fetched[(tp.topic, tp.partition, record.offset)] = now
         self._trim(fetched)
         released = self.released
-        for tp, record in iterate(records):
+        for item in iterate(records):
+            tp, record = item[0], item[1]
             released[(tp.topic, tp.partition, record.offset)] = time.time()
-            yield tp, record
+            yield item
         self._trim(released)
 
     def freeze(self, event: Any, outcome: Any, index: int, batch_len: int, batch_start: float, scored: float,

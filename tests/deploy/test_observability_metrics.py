@@ -135,3 +135,56 @@ def test_outbox_and_delivery_metrics_exist_for_issue_4():
     before = _value("stormguard_delivery_failures_total", sink="mailman")
     metrics.DELIVERY_FAILURES.labels(sink="mailman").inc()
     assert _value("stormguard_delivery_failures_total", sink="mailman") == before + 1
+
+
+def test_a_batch_moves_every_series_as_its_records_one_by_one():
+    """``observe_events`` (the worker, once per batch) and ``observe_event`` (once per record) agree:
+    the same counts, deliveries, replies, actions, invalid records and per-list rates."""
+    records = storm_events(end=time.time()) + [b"not json", b'{"message_id": "x"}']
+    names = ("stormguard_events_processed_total", "stormguard_deliveries_total", "stormguard_list_replies_total",
+             "stormguard_event_time_lag_seconds_count", "stormguard_record_latency_seconds_count",
+             "stormguard_produce_to_action_seconds_count")
+
+    def run(batched: bool) -> dict:
+        metrics.reset_for_tests()
+        before = {k: _value(k) for k in names}
+        invalid = sum(s.value for s in _samples("stormguard_events_invalid_total"))
+        det = StormDetector(PolicyConfig())
+        produced_at = time.time() - 0.05
+        outcomes = [process_raw(det, raw) for raw in records]
+        if batched:
+            for i in range(0, len(outcomes), 500):
+                metrics.observe_events(det, [(o, produced_at) for o in outcomes[i:i + 500]])
+        else:
+            for o in outcomes:
+                metrics.observe_event(det, o, produced_at)
+        moved = {k: _value(k) - before[k] for k in names}
+        moved["invalid"] = sum(s.value for s in _samples("stormguard_events_invalid_total")) - invalid
+        moved["frozen"] = _value("stormguard_frozen_lists")
+        moved["rates"] = {s.labels["list"]: round(s.value, 6) for s in _samples("stormguard_list_deliveries_per_minute")}
+        return moved
+
+    one_by_one, batched = run(False), run(True)
+    assert one_by_one == batched
+    assert batched["stormguard_events_processed_total"] == len(records) - 2 and batched["invalid"] == 2
+    assert batched["frozen"] == 1 and batched["rates"]
+
+
+def test_a_histogram_fed_a_batch_counts_as_one_fed_each_value():
+    """``observe_many`` (the worker's, once per batch) puts each value in the bucket ``observe`` would,
+    bounds included, whatever the order."""
+    import random
+
+    rng = random.Random(19)
+    bounds = (0.001, 0.01, 0.1, 1.0, 10.0)
+    values = [rng.choice(bounds) for _ in range(200)] + [rng.uniform(0, 20) for _ in range(800)] + [0.0, 99.0]
+    one = metrics.RecordHistogram("one_by_one", "test", bounds)
+    many = metrics.RecordHistogram("batched", "test", bounds)
+    for v in values:
+        one.observe(v)
+    rng.shuffle(values)
+    for i in range(0, len(values), 300):
+        many.observe_many(values[i:i + 300])
+    many.observe_many([])
+    assert many.counts == one.counts and sum(many.counts) == len(values)
+    assert many.sum == pytest.approx(one.sum)

@@ -209,3 +209,28 @@ def test_background_generator_says_how_to_call_it():
     done = subprocess.run([sys.executable, "-m", "stream_jobs.bench.load", "kafka://127.0.0.1:9"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "usage: python -m stream_jobs.bench.load" in done.stderr
+
+
+@pytest.mark.timeout(900)
+def test_the_ab_harness_times_each_variant_in_every_round_against_that_rounds_bare_run(tmp_path):
+    """``make bench-ab`` on a small topic: two rounds of bare aiokafka, the worker, and the worker of a git
+    commit (this one, from a snapshot), each round's ratio against that round's bare run."""
+    out = tmp_path / "ab.json"
+    done = subprocess.run([sys.executable, "-m", "stream_jobs.bench.ab", "--events", "20000", "--rounds", "2",
+                           "--variants", "bare,worker,worker@head", "--code", "head=HEAD", "--no-progress",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["keyed_by"] == "sender" and res["partitions"] == 8 and res["by_list_shares"] > 0
+    assert len(res["code"]["head"]) == 40 and len(res["rounds"]) == 2
+    for rnd in res["rounds"]:
+        for v in ("bare", "worker", "worker@head"):
+            assert _positive(rnd[v]["events_per_s"]) and _positive(rnd[v]["events_per_cpu_s"]), (v, rnd)
+        for v in ("worker", "worker@head"):
+            assert rnd[v]["vs_bare"] == pytest.approx(rnd[v]["events_per_s"] / rnd["bare"]["events_per_s"])
+            # the worker counts a by-list share as a record; events/s counts events of mail.events
+            assert rnd[v]["records_per_s"] > rnd[v]["events_per_s"]
+    assert "worker@head" in done.stdout and "load average" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "stream_jobs.bench.ab", "--variants", "bare,worker@nowhere"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "worker@nowhere" in bad.stderr

@@ -2,7 +2,7 @@
 
 Every command that talks to Kafka is pointed at that listener with ``STORMGUARD_KAFKA_SSL_CAFILE`` and
 ``STORMGUARD_KAFKA_SASL_*`` and must work (the worker, ``deliver``, ``replay``, ``ingest postfix-log``,
-``policy``); with a wrong password or a CA that did not sign the broker's certificate each must stop
+``learn``, ``policy``); with a wrong password or a CA that did not sign the broker's certificate each must stop
 with a clear error instead of hanging or retrying.
 """
 
@@ -123,6 +123,14 @@ def test_every_command_works_over_sasl_ssl_scram(secure, start_worker, tmp_path)
     ingested = {json.loads(r.value)["message_id"] for r in read_topic(secure, "mail.events")}
     assert "<root1@example.test>" in ingested, ingested
 
+    # learn: list models from an archive older than what mail.events holds, written before the worker starts
+    archive = tmp_path / "archive.jsonl"
+    bulletins = [{"message_id": f"bul{k}", "timestamp": T0 - (30 - k) * 86400, "sender": "comms@nhs.net",
+                  "recipients": ["bulletin@nhs.net"], "lists": {"bulletin@nhs.net": 5000}} for k in range(3)]
+    archive.write_bytes(b"\n".join(lines(background(60, start=T0 - 40 * 86400) + bulletins)) + b"\n")
+    run = stormguard(["learn", str(archive), "--broker", secure.url, "--no-progress"], env)
+    assert run.returncode == 0 and "1 list model(s) written" in run.stderr, run.stderr
+
     # the worker, then replay: a storm scored and frozen over SASL_SSL
     worker = start_worker(secure.url, env=env)
     storm = tmp_path / "storm.jsonl"
@@ -177,6 +185,7 @@ def test_a_refused_password_or_certificate_is_a_clear_error_at_once(secure, tmp_
         "policy": ["policy", "--listen", f"127.0.0.1:{free_port()}"],
         "deliver": ["deliver", "--web-port", "0"],
         "run": ["run", "--web-port", str(free_port())],
+        "learn": ["learn", str(events), "--no-progress"],
     }
     for name, args in commands.items():
         started = time.monotonic()
