@@ -16,8 +16,14 @@ broker of the same kind), read from its start by:
 Then: offline scoring (in-process :class:`~detectors.engine.StormDetector`
 and the ``stormguard score`` CLI) over the same records; produce→freeze
 latency while background traffic flows (on a second, fresh broker; the background
-is sent by :mod:`stream_jobs.bench.load`, a process of its own, as gateways send it); worker
-start-up to ``/healthz`` 200; bytes of detector state per sender and per list.
+is sent by :mod:`stream_jobs.bench.load`, a process of its own, as gateways send it), broken
+down by stage from the worker's ``STORMGUARD_LATENCY_TRACE`` lines; worker start-up to
+``/healthz`` 200; bytes of detector state per sender and per list.
+
+``--only latency`` runs start-up and latency alone; ``--latency-variant NAME:SETTING=VALUE,...``
+(``tree=PATH``: the worker of another checkout) runs the latency phases again per variant, each on
+a fresh broker, in turns over ``--latency-rounds``, and with ``--variant-throughput-events N`` times
+each variant catching up N events: a before/after side by side in one run.
 
 The machine is shared, so the figures that matter are the *ratios* of
 figures measured in this one run; absolute numbers are labelled with the

@@ -9,7 +9,7 @@ from typing import Optional
 
 import stream_jobs.bench
 from stream_jobs.bench.phases import ROOT, Bench
-from stream_jobs.bench.report import say, table
+from stream_jobs.bench.report import latency_table, say, table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--exactly-once", action="store_true",
                    help="also time the worker with STORMGUARD_EXACTLY_ONCE against at-least-once, on Apache Kafka")
+    p.add_argument("--only", choices=("latency",),
+                   help="run only these phases: latency (start-up, then produce->freeze under light and full load)")
+    p.add_argument("--latency-env", action="append", metavar="NAME=VALUE",
+                   help="a STORMGUARD_* setting for the latency worker (repeatable), e.g. to compare a setting's values")
+    p.add_argument("--latency-variant", action="append", metavar="NAME:SETTING=VALUE,...",
+                   help="after the latency phases, run them again with these settings, on the same broker "
+                        "(repeatable): a before/after side by side in one run")
+    p.add_argument("--latency-rounds", type=int, default=1,
+                   help="with --latency-variant: rounds of every variant and the settings as given (default 1)")
+    p.add_argument("--variant-throughput-events", type=int, default=0,
+                   help="with --latency-variant: also time each variant's worker catching up this many events "
+                        "(a fresh broker each, interleaved with the latency runs; default 0: not)")
+    p.add_argument("--storm-key", choices=("list", "sender"), default="list",
+                   help="how the latency phase keys its storm messages: by list (default, as replay keys: scored "
+                        "where read) or by sender (every one takes the by-list hop)")
     return p
 
 
@@ -56,7 +71,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     shutil.rmtree(bench.tmp, ignore_errors=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    print(latency_table(results) if args.only == "latency" else table(results))
     print(f"\nfigures written to {args.out}")
     return 0
 

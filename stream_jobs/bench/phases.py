@@ -47,6 +47,40 @@ PY = sys.executable
 SCHEMA = 1
 
 
+#: The stages of a freeze's latency, in order, each from the end of the one before (the latency phase's
+#: breakdown; the worker's side comes from its STORMGUARD_LATENCY_TRACE lines).
+STAGES: dict[str, str] = {
+    "produce": "send() of the storm message to the broker's acknowledgement (producer linger 5 ms, as replay)",
+    "to_worker": "acknowledged to the worker's consumer handing over the fetch that holds it (broker, fetch wait)",
+    "order_hold": "held by the event-time scheduler (stream_jobs/worker/event_order.py)",
+    "to_scorer": "let through to the scorer's call that holds it (the rest of the fetch is ordered first)",
+    "scoring": "that call's start to the record's decision (the records before it in the call, then its own)",
+    "publish": "the decision to every write of it handed to the producer (list state, table, action)",
+    "to_broker": "handed to the broker's acknowledgement of the freeze (the worker's producer: one request in "
+                 "flight per broker, so it may wait for the one before)",
+    "to_reader": "acknowledged to the bench reading the freeze from stormguard.actions (its consumer: 5 ms fetch wait)",
+}
+
+
+def worker_traces(log_path: Path) -> dict[str, dict]:
+    """The worker's ``latency-trace`` lines (:mod:`stream_jobs.worker.latency_trace`), by message id."""
+    out: dict[str, dict] = {}
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        _, sep, payload = line.partition("latency-trace ")
+        if sep:
+            try:
+                t = json.loads(payload)
+            except ValueError:
+                continue
+            if t.get("message_id"):
+                out[t["message_id"]] = t
+    return out
+
+
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -110,10 +144,14 @@ class Bench:
                    STORMGUARD_LEARN_HISTORY="false", **extra)
         return env
 
-    def worker(self, broker: EmbeddedBroker, app_id: Optional[str] = None, **extra: str) -> ChildProcess:
+    def worker(self, broker: EmbeddedBroker, app_id: Optional[str] = None, tree: Optional[str] = None,
+               **extra: str) -> ChildProcess:
+        """A worker process; with ``tree``, the worker of another checkout (a before/after in one run)."""
         port = free_port()
         app_id = app_id or f"sg-bench-{uuid.uuid4().hex[:6]}"
-        p = ChildProcess([PY, "-m", "stream_jobs.cli", "run", "--broker", broker.url, "--web-port", str(port)],
+        head = [PY, "-m", "stream_jobs.cli"] if tree is None else \
+            [PY, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); from stream_jobs.cli import main; sys.exit(main())"]
+        p = ChildProcess(head + ["run", "--broker", broker.url, "--web-port", str(port)],
                          self.tmp / f"{app_id}-{port}.log", self.env(broker, app_id, port, **extra), port, "run")
         self.procs.append(p)
         return p
@@ -475,6 +513,7 @@ class Bench:
         from stream_jobs.kafka.replay import make_producer, routing_key
 
         sent: dict[str, float] = {}
+        acked: dict[str, float] = {}  # message id -> the broker acknowledged it (the producer's callback)
         seen: dict[str, tuple[float, float, str]] = {}  # list -> (read at, record timestamp, message id)
         stop = threading.Event()
         consumer = KafkaConsumer(bootstrap_servers=[broker.bootstrap], group_id=None, enable_auto_commit=False,
@@ -503,12 +542,18 @@ class Bench:
         reader.start()
         producer = make_producer(broker.url)
         enc = msgspec.json.Encoder()
+        # Keyed by list (as replay and ingest key), a storm message is scored where it is read; keyed by sender
+        # (--storm-key sender) it takes the by-list hop: routed, produced again, fetched again.
+        by_sender = getattr(self.args, "storm_key", "list") == "sender"
+        storm_key = sender_key if by_sender else routing_key
 
         def send_storm(ev: dict) -> None:
             ev["timestamp"] = round(time.time(), 3)
             raw = enc.encode(ev)
-            sent[ev["message_id"]] = time.time()
-            producer.send(EVENTS_TOPIC, value=raw, key=routing_key(raw))
+            mid = ev["message_id"]
+            sent[mid] = time.time()
+            producer.send(EVENTS_TOPIC, value=raw, key=storm_key(raw)).add_callback(
+                lambda _meta, mid=mid: acked.__setitem__(mid, time.time()))
 
         # The background comes from its own process, as real traffic comes from the gateways:
         # this process only sends the storms and reads the freezes, so its clock readings are prompt.
@@ -570,14 +615,16 @@ class Bench:
                 load.kill()
                 load.wait()
         produced = background["produced"] + len(sent)  # every storm message was sent once
+        # the worker counts a by-list share as a record too: keyed by sender, each storm message is two
+        records = produced + (len(sent) if by_sender else 0)
         sent_seconds = max(time.monotonic() - start, background["seconds"])
-        backlog = produced - (worker_count(worker.url) - base_before)
+        backlog = records - (worker_count(worker.url) - base_before)
         # Wait for the worker to catch up and for the last freezes to show.
         deadline = time.monotonic() + 120
         consumed = worker_count(worker.url) - base_before
         while time.monotonic() < deadline:
             consumed = worker_count(worker.url) - base_before
-            if consumed >= produced:
+            if consumed >= records:
                 time.sleep(0.5)  # the last actions are published after the last record is counted
                 break
             time.sleep(0.1)
@@ -586,15 +633,34 @@ class Bench:
         producer.close()
         consumer.close()
         visible, published, nth = [], [], []
+        traces = worker_traces(worker.log_path)
+        stages: dict[str, list[float]] = {name: [] for name in STAGES}
+        traced: list[dict] = []  # one row per traced freeze: its stages (ms), when it was sent (s into the phase)
+        sent_origin = min(sent.values()) if sent else 0.0
         for address, ids in storms:
             if address in seen and seen[address][2] in sent:
                 read_at, stamped, mid = seen[address]
                 visible.append((read_at - sent[mid]) * 1000.0)
                 published.append((stamped - sent[mid]) * 1000.0)
                 nth.append(ids.index(mid) + 1 if mid in ids else 0)
+                t = traces.get(mid)
+                if t is not None and mid in acked and t.get("fetched") and t.get("released") and t.get("acked"):
+                    times = (sent[mid], acked[mid], t["fetched"], t["released"], t["batch_start"], t["scored"],
+                             t["published"], t["acked"], read_at)
+                    row = {}
+                    for name, a_, b_ in zip(STAGES, times, times[1:]):
+                        stages[name].append((b_ - a_) * 1000.0)
+                        row[name] = round((b_ - a_) * 1000.0, 2)
+                    traced.append(dict(row, total=round((read_at - sent[mid]) * 1000.0, 2),
+                                       at=round(sent[mid] - sent_origin, 3), batch_len=t["batch_len"],
+                                       index=t["index"]))
         if not visible:
             raise RuntimeError(f"no storm was frozen during the latency phase:\n{worker.tail()}")
+        breakdown = {name: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99), "max_ms": max(v),
+                            "what": STAGES[name]} for name, v in stages.items() if v}
         return {
+            "stages": breakdown, "stages_traced": len(stages["produce"]), "stage_samples": traced,
+            "storms_keyed_by": "sender" if by_sender else "list",
             "background_target_eps": rate, "produced": produced, "produced_eps": produced / sent_seconds,
             "consumed": consumed, "backlog_when_production_stopped": backlog, "seconds": sent_seconds,
             "storms": len(storms), "frozen": len(visible),
@@ -608,6 +674,109 @@ class Bench:
                     "publish_* use the action record's own timestamp instead of the read time",
         }
 
+    def latency_env(self) -> dict:
+        """STORMGUARD_* settings given to the latency worker (``--latency-env``)."""
+        env = {}
+        for item in getattr(self.args, "latency_env", None) or []:
+            name, _, value = item.partition("=")
+            env[name.strip()] = value.strip()
+        return env
+
+    def latency_phases(self, results: dict) -> None:
+        """Start-up, then produce->freeze latency under light and full background load, on a fresh broker."""
+        a = self.args
+        say("bench: fresh broker for start-up and latency")
+        live = self.broker()
+        from stream_jobs.kafka.topics import ensure_topics
+
+        ensure_topics(live.url, a.partitions)
+        results["startup"], sampled = self.startup(live, a.startup_samples)
+        sampled.stop()
+        # The latency worker first reads a day and more of history (the policy calls a list "new"
+        # only once it has watched long enough), then background traffic and storms flow in real time.
+        history = encode_all(realistic_events(a.history_events, seed=a.seed + 1, span=26 * 3600.0, storms=0))
+        self.fill(live, history, desc="history")
+        for key, value in self.latency_run(live, history, self.latency_env()).items():
+            results[key] = value
+        variants = getattr(a, "latency_variant", None) or []
+        if variants:
+            live.stop()
+            # Each variant and the settings as given, in turns, each on a fresh broker filled with the same
+            # history (Tansu slows as its partitions grow): a before/after side by side in one run.
+            results["latency_variants"] = {"as given": [{k: results[k] for k in ("latency_light", "latency")}]}
+            rounds = max(1, getattr(a, "latency_rounds", 1))
+            n_tp = getattr(a, "variant_throughput_events", 0) or 0
+            records = encode_all(realistic_events(n_tp, seed=a.seed)) if n_tp else []
+            specs = [("as given", dict(self.latency_env()))]
+            for spec in variants:
+                name, _, settings = spec.partition(":")
+                specs.append((name, dict(self.latency_env(), **dict(
+                    item.strip().split("=", 1) for item in settings.split(",") if item.strip()))))
+            for rnd in range(rounds):
+                for i, (name, env) in enumerate(specs):
+                    if records:
+                        say(f"bench: throughput of {name!r} ({env}), round {rnd + 1} of {rounds}")
+                        results.setdefault("throughput_variants", {}).setdefault(name, []).append(
+                            self.variant_throughput(records, env))
+                    if rnd == 0 and i == 0:
+                        continue  # the latency phases above
+                    say(f"bench: latency of {name!r} ({env}), round {rnd + 1} of {rounds}")
+                    results["latency_variants"].setdefault(name, []).append(self.latency_run(None, history, env))
+
+    def variant_throughput(self, records: list[bytes], env: dict) -> dict:
+        """The worker with ``env`` (``tree``: another checkout's) catching up ``records`` on a fresh broker."""
+        broker = self.broker()
+        try:
+            self.fill(broker, records, desc="fill mail.events (variant throughput)")
+            out = self.run_workers(broker, len(records), 1, "Stormguard worker (variant)", **env)
+        finally:
+            broker.stop()
+        out["worker_settings"] = env
+        return out
+
+    def latency_run(self, live: Optional[EmbeddedBroker], history: list, env: dict) -> dict:
+        """A worker with ``env`` reads ``history``, then light and full load with storms; its figures.
+
+        Without ``live``, on a fresh broker filled with ``history``, stopped afterwards."""
+        a = self.args
+        fresh = live is None
+        if fresh:
+            from stream_jobs.kafka.topics import ensure_topics
+
+            live = self.broker()
+            ensure_topics(live.url, a.partitions)
+            self.fill(live, history, desc="history")
+        # Storms are injected every second or so: lift the hourly freeze budget, a safety limit
+        # for production, not something to measure here.
+        env = dict(env)
+        tree = env.pop("tree", None)
+        worker = self.worker(live, tree=tree, **dict({"STORMGUARD_MAX_FREEZES_PER_HOUR": "1000000",
+                                                      "STORMGUARD_LATENCY_TRACE": "true"}, **env)).start()
+        worker.wait_ready()
+        deadline = time.monotonic() + a.phase_timeout
+        while worker_count(worker.url) < len(history):
+            if time.monotonic() > deadline or worker.proc.poll() is not None:
+                raise RuntimeError(f"the latency worker did not read its history:\n{worker.tail()}")
+            time.sleep(0.2)
+        # Light load first (queueing aside: what the pipeline itself costs), then the load asked for.
+        out = {}
+        for key, seconds, rate in (("latency_light", a.latency_seconds / 2, a.light_rate),
+                                   ("latency", a.latency_seconds, a.rate)):
+            cpu = cpu_seconds(worker.proc.pid)
+            out[key] = self.latency(live, worker, seconds, rate, a.storm_every)
+            after = cpu_seconds(worker.proc.pid)
+            if cpu is not None and after is not None:
+                out[key]["worker_cpu_s"] = after - cpu
+                out[key]["worker_cpu_ms_per_1000_events"] = (after - cpu) * 1e6 / max(1, out[key]["consumed"])
+        for value in out.values():
+            value.update(policy_overrides={"max_freezes_per_hour": 1_000_000}, history_events=len(history),
+                         history_hours=26, worker_settings=env, worker_tree=tree or str(ROOT),
+                         load_avg=list(os.getloadavg()))
+        worker.stop()
+        if fresh:
+            live.stop()
+        return out
+
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> dict:
         a = self.args
@@ -615,6 +784,11 @@ class Bench:
         results: dict = {"schema": SCHEMA, "command": " ".join(["python -m stream_jobs.bench"] + sys.argv[1:]),
                          "quick": a.quick, "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                          "machine": machine(), "throughput": {}, "broker": getattr(a, "engine", "tansu")}
+        if getattr(a, "only", None) == "latency":
+            self.latency_phases(results)
+            results["machine"]["load_avg_end"] = list(os.getloadavg())
+            results["duration_s"] = time.perf_counter() - wall
+            return results
         say(f"bench: generating {a.events:,} realistic events (seed {a.seed})")
         records = encode_all(realistic_events(a.events, seed=a.seed))
         results["events"] = {**describe_events(records), "partitions": a.partitions, "seed": a.seed,
@@ -650,33 +824,7 @@ class Bench:
             say("bench: Apache Kafka, the worker at-least-once and exactly-once on the same events")
             results["exactly_once"] = self.run_exactly_once(records)
 
-        say("bench: fresh broker for start-up and latency")
-        live = self.broker()
-        from stream_jobs.kafka.topics import ensure_topics
-
-        ensure_topics(live.url, a.partitions)
-        results["startup"], sampled = self.startup(live, a.startup_samples)
-        sampled.stop()
-        # The latency worker first reads a day and more of history (the policy calls a list "new"
-        # only once it has watched long enough), then background traffic and storms flow in real time.
-        history = encode_all(realistic_events(a.history_events, seed=a.seed + 1, span=26 * 3600.0, storms=0))
-        self.fill(live, history, desc="history")
-        # Storms are injected every second or so: lift the hourly freeze budget, a safety limit
-        # for production, not something to measure here.
-        worker = self.worker(live, STORMGUARD_MAX_FREEZES_PER_HOUR="1000000").start()
-        worker.wait_ready()
-        deadline = time.monotonic() + a.phase_timeout
-        while worker_count(worker.url) < len(history):
-            if time.monotonic() > deadline or worker.proc.poll() is not None:
-                raise RuntimeError(f"the latency worker did not read its history:\n{worker.tail()}")
-            time.sleep(0.2)
-        # Light load first (queueing aside: what the pipeline itself costs), then the load asked for.
-        results["latency_light"] = self.latency(live, worker, a.latency_seconds / 2, a.light_rate, a.storm_every)
-        results["latency"] = self.latency(live, worker, a.latency_seconds, a.rate, a.storm_every)
-        for key in ("latency_light", "latency"):
-            results[key].update(policy_overrides={"max_freezes_per_hour": 1_000_000},
-                                history_events=len(history), history_hours=26)
-        worker.stop()
+        self.latency_phases(results)
 
         results["ratios"] = {}
         for name, (num, den) in RATIOS.items():

@@ -95,22 +95,86 @@ def table(r: dict) -> str:
     out.append(f"{'ratio':38} {'value':>10}")
     for name, ratio in r["ratios"].items():
         out.append(f"{name:38} {ratio['value']:>10.3f}")
-    lat, st, mem = r["latency"], r["startup"], r["memory"]
-    light = r["latency_light"]
-    out += ["",
-            f"produce→freeze under {light['produced_eps']:,.0f} ev/s background: p50 {light['p50_ms']:.0f} ms, "
-            f"p99 {light['p99_ms']:.0f} ms, max {light['max_ms']:.0f} ms ({light['frozen']}/{light['storms']} storms "
-            f"frozen; backlog when production stopped {light['backlog_when_production_stopped']:,} events)",
-            f"produce→freeze under {lat['produced_eps']:,.0f} ev/s background: p50 {lat['p50_ms']:.0f} ms, "
-            f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms frozen; "
-            f"frozen on reply-all #: {lat['frozen_on_reply']}; backlog when production stopped "
-            f"{lat['backlog_when_production_stopped']:,} events)",
-            f"milter decision per message (event + hold lookup, in-process): p50 {r['milter']['p50_ms']:.3f} ms, "
+    st, mem = r["startup"], r["memory"]
+    out += latency_lines(r) + variant_lines(r) + [""]
+    out += [f"milter decision per message (event + hold lookup, in-process): p50 {r['milter']['p50_ms']:.3f} ms, "
             f"p99 {r['milter']['p99_ms']:.3f} ms, max {r['milter']['max_ms']:.1f} ms "
             f"({r['milter']['events_per_cpu_s']:,.0f} decisions per CPU-s; {r['milter']['held']:,} held)",
             f"worker start-up to /healthz 200: median {st['median_s']:.2f} s "
             f"(min {st['min_s']:.2f}, max {st['max_s']:.2f}, {len(st['samples_s'])} samples)",
             f"state: {mem['bytes_per_sender']:.0f} B per sender, {mem['bytes_per_list']:.0f} B per list (one post), "
             f"{mem['bytes_per_busy_list']:,.0f} B per busy list (buffers full)",
+            f"bench took {r['duration_s']:.0f} s"]
+    return "\n".join(out)
+
+
+def latency_lines(r: dict) -> list[str]:
+    """Produce->freeze under light and full load, each with its per-stage breakdown (p50 / p99 ms)."""
+    out = []
+    for key in ("latency_light", "latency"):
+        lat = r[key]
+        out += ["", f"produce→freeze under {lat['produced_eps']:,.0f} ev/s background: p50 {lat['p50_ms']:.0f} ms, "
+                    f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms "
+                    f"frozen; frozen on reply-all #: {lat['frozen_on_reply']}; backlog when production stopped "
+                    f"{lat['backlog_when_production_stopped']:,} events)"]
+        stages = lat.get("stages") or {}
+        if stages:
+            out.append(f"  {'stage (' + str(lat['stages_traced']) + ' traced)':24} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+            for name, st in stages.items():
+                out.append(f"  {name:24} {st['p50_ms']:>8.1f} {st['p99_ms']:>8.1f} {st['max_ms']:>8.1f}")
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def variant_lines(r: dict) -> list[str]:
+    """``--latency-variant``: each variant's rounds pooled, light and full load, with the pooled stages."""
+    variants = r.get("latency_variants") or {}
+    if not variants:
+        return []
+    out = ["", f"side by side ({r.get('broker', 'tansu')}; each run a fresh broker; rounds pooled): "
+               "produce→freeze ms"]
+    out.append(f"  {'variant':24} {'ev/s':>6} {'storms':>6} {'p50':>6} {'p99':>6} {'max':>6} {'CPU ms/1k ev':>12}"
+               f"  host load")
+    for name, runs in variants.items():
+        for key in ("latency_light", "latency"):
+            samples = [v for run in runs for v in run[key]["samples_ms"]]
+            loads = [run[key].get("load_avg", [0])[0] for run in runs]
+            cpu = [run[key]["worker_cpu_ms_per_1000_events"] for run in runs
+                   if "worker_cpu_ms_per_1000_events" in run[key]]
+            cpu_s = f"{sum(cpu) / len(cpu):>12.0f}" if cpu else f"{'-':>12}"
+            out.append(f"  {name:24} {runs[0][key]['background_target_eps']:>6.0f} {len(samples):>6} "
+                       f"{_pct(samples, 50):>6.0f} {_pct(samples, 99):>6.0f} {max(samples):>6.0f} {cpu_s}  "
+                       f"{'/'.join(f'{x:.1f}' for x in loads)}")
+    for name, runs in (r.get("throughput_variants") or {}).items():
+        eps = [run["events_per_s"] for run in runs]
+        per_cpu = [run["events_per_cpu_s"] for run in runs if "events_per_cpu_s" in run]
+        out.append(f"  {name} catching up {runs[0]['events']:,} events: "
+                   + ", ".join(f"{x:,.0f}" for x in eps) + " events/s"
+                   + (" (" + ", ".join(f"{x:,.0f}" for x in per_cpu) + " per CPU-s)" if per_cpu else ""))
+    for name, runs in variants.items():
+        rows = [row for run in runs for row in run["latency"].get("stage_samples", [])]
+        if not rows:
+            continue
+        stages = [k for k in rows[0] if k not in ("total", "at", "batch_len", "index")]
+        out.append(f"  {name} at full load, stages p50/p99 ms ({len(rows)} traced): " + ", ".join(
+            f"{k} {_pct([x[k] for x in rows], 50):.1f}/{_pct([x[k] for x in rows], 99):.1f}" for k in stages))
+    return out
+
+
+def latency_table(r: dict) -> str:
+    """The table of ``--only latency``."""
+    m, st = r["machine"], r["startup"]
+    out = [f"Stormguard bench, latency only — broker {r.get('broker', 'tansu')}; {m['cpus']} × {m['cpu_model']}",
+           f"(shared machine: load {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end)"]
+    out += latency_lines(r) + variant_lines(r) + [""]
+    out += [f"worker start-up to /healthz 200: median {st['median_s']:.2f} s "
+            f"(min {st['min_s']:.2f}, max {st['max_s']:.2f}, {len(st['samples_s'])} samples)",
             f"bench took {r['duration_s']:.0f} s"]
     return "\n".join(out)

@@ -41,6 +41,7 @@ from kafka.partitioner.default import murmur2
 from stream_jobs import metrics
 from stream_jobs.worker.event_order import EventTimeScheduler, event_time_of
 from stream_jobs.worker.faust_tuning import RawSchema, RecordEvent, StormguardApp
+from stream_jobs.worker.latency_trace import LatencyTrace
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
                                   THREAD_WATCH_TOPIC, WorkerSettings, by_list_topic, secret)
 
@@ -51,6 +52,9 @@ _META_KEY = "__stormguard_meta__"
 #: under light traffic a record waits at most this long before it is scored.
 BATCH_MAX = 500
 BATCH_WITHIN = 0.01
+#: Turns of the event loop given to the producer after a decision is published, so that it is sent before the
+#: rest of its batch is scored (aiokafka's send task starts on the third; measured with the embedded broker).
+HAND_OVER_TURNS = 4
 #: A batch whose newest record was produced longer ago than this (seconds) is a backlog being caught up:
 #: its changed list models wait for the next offset commit (see :meth:`StormguardWorker.score_batch`).
 CATCH_UP_S = 1.0
@@ -83,6 +87,16 @@ class StormguardWorker:
             generation = staticmethod(lambda: worker.app.consumer_generation_id)
             # the batch path hands what the merge decoded on to the scorer; elsewhere only the time is read
             decode = staticmethod(decode_record) if settings.fast_drain and not settings.exactly_once else None
+
+            if settings.latency_trace:
+                def iterate(self, records):
+                    return worker.trace.iterate(super().iterate, records, self.ordered_topics)
+
+                def iterate_decoded(self, records):  # what the batch consumer calls
+                    return worker.trace.iterate(super().iterate_decoded, records, self.ordered_topics)
+
+        #: STORMGUARD_LATENCY_TRACE: where each freeze's time went, one log line per freeze (None: off)
+        self.trace = LatencyTrace() if settings.latency_trace else None
 
         app = self.app = StormguardApp.from_settings(settings, ConsumerScheduler=EventOrder)
         app.stormguard = self  # what the agents and views share, for whoever holds only the app
@@ -169,8 +183,9 @@ class StormguardWorker:
         records still reach the detector one at a time, in partition order, and
         every action, freezes included, is published as soon as its record is scored.
         """
-        settings, detector = self.settings, self.detector
+        settings, detector, trace = self.settings, self.detector, self.trace
         now = time.monotonic()
+        batch_start = time.time() if trace is not None else 0.0
         here = self._lists_owned_here() if self.local_shares else None
         local_shares = 0
         observed: list = []  # (outcome, produced at) of each record, for the metrics, once per batch
@@ -180,7 +195,7 @@ class StormguardWorker:
         timings: list = []  # each record's detection time, for its histogram, once per batch
         observe_processing, note = timings.append, observed.append
         crash_on = settings.crash_on_message_id
-        for event in events:
+        for index, event in enumerate(events):
             raw = event.value
             raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
             message = event.message
@@ -218,8 +233,15 @@ class StormguardWorker:
             if outcome.actions:
                 # Tables partition their changelog by the record being processed (a freeze writes list_state).
                 _current_event.set(weakref.ref(event))
+                scored = time.time() if trace is not None else 0.0
                 for action in outcome.actions:
-                    await self.publish(action)
+                    sent = await self.publish(action)
+                    if trace is not None and action.kind == "freeze":
+                        trace.freeze(event, outcome, index, len(events), batch_start, scored, sent)
+                # The producer sends from this event loop: let it put the decision on the wire now rather than
+                # after the rest of the batch is scored (its send task starts on the third turn of the loop).
+                for _ in range(HAND_OVER_TURNS):
+                    await asyncio.sleep(0)
             if by_list:  # the message was counted where it was read
                 for action in outcome.actions:
                     metrics.observe_action(action, _record_time(event))
@@ -279,8 +301,13 @@ class StormguardWorker:
         self.unsaved[address] = (share, now if waiting is None else waiting[1])
         if outcome.actions:
             _current_event.set(weakref.ref(share))
+            scored = time.time() if self.trace is not None else 0.0
             for action in outcome.actions:
-                await self.publish(action)
+                sent = await self.publish(action)
+                if self.trace is not None and action.kind == "freeze":  # timed as its source record
+                    self.trace.freeze(source, outcome, 0, 1, scored, scored, sent)
+            for _ in range(HAND_OVER_TURNS):  # as in score_batch: the decision goes out now
+                await asyncio.sleep(0)
             for action in outcome.actions:
                 metrics.observe_action(action, _record_time(source))
 
@@ -391,7 +418,8 @@ class StormguardWorker:
         gc.freeze()
 
     # -- effects ----------------------------------------------------------------------------
-    async def publish(self, action: Action) -> None:
+    async def publish(self, action: Action) -> Any:
+        """Publish a decision (and, for a freeze, the list's new state); the action record's delivery future."""
         key = (action.list or action.sender or "").encode()
         if not self.settings.enforce and action.actor == "stormguard":
             action = shadow(action)
@@ -403,7 +431,7 @@ class StormguardWorker:
             # before the action itself: a gateway that holds threads (stormguard milter) follows this topic
             await self.thread_watch_topic.send(key=f"{action.list} {action.thread.root}".encode(),
                                                value=thread_watch_record(action))
-        await self.actions_topic.send(key=key, value=encode_action(action))
+        return await self.actions_topic.send(key=key, value=encode_action(action))
 
     async def dead_letter(self, event, reason: str) -> None:
         """Keep the raw bytes and say why: an operator can fix and replay them.

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from stream_jobs.bench.phases import STAGES
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.live
@@ -142,6 +143,17 @@ def test_latency_figures(results, key):
     assert _positive(lat["produced_eps"]) and lat["produced"] > 0
     assert 0 < lat["consumed"] <= lat["produced"]
     assert lat["background_target_eps"] > 0
+    # the per-stage breakdown (the worker's STORMGUARD_LATENCY_TRACE joined with the bench's clocks): each
+    # traced freeze's stages add up to its produce->freeze time, and every stage has its percentiles
+    assert 1 <= lat["stages_traced"] == len(lat["stage_samples"]) <= lat["frozen"]
+    assert set(lat["stages"]) == set(STAGES)
+    for row in lat["stage_samples"]:
+        assert sum(row[name] for name in STAGES) == pytest.approx(row["total"], abs=0.05)
+        assert any(row["total"] == pytest.approx(v, abs=0.01) for v in lat["samples_ms"])
+        for name in ("order_hold", "to_scorer", "scoring", "publish"):  # one process's clock: never negative
+            assert row[name] >= 0, (name, row)
+    for st in lat["stages"].values():
+        assert st["p50_ms"] <= st["p99_ms"] <= st["max_ms"] + 1e-6
 
 
 @pytest.mark.timeout(1200)
