@@ -94,16 +94,7 @@ def test_broker_outage_while_worker_runs(broker, start_worker):
     assert worker.proc.poll() is None
 
 
-def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, start_worker, tmp_path, request):
-    if broker.engine == "kafka":
-        # Not yet fixed on Apache Kafka (README, Limits): about 1 run in 8 fails, with either consumer,
-        # because (a) a survivor that takes over partitions the dead worker never committed on sometimes
-        # scores nothing for minutes, or (b) the group leader started before Kafka finished creating the
-        # list_models changelog and left it out of every assignment, so the dead worker's models were
-        # not adopted. Tansu creates topics synchronously and shows neither.
-        request.applymarker(pytest.mark.xfail(
-            reason="Apache Kafka: a survivor can stall on partitions with no committed offset, or miss a "
-                   "changelog Kafka had not finished creating (README, Limits)", strict=False))
+def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, start_worker, tmp_path):
     # Warm-up counts the events each worker has scored: with two workers sharing
     # the background, each must see STORMGUARD_WARMUP_EVENTS (100) of its own.
     before, after = split_bulletin_storm(background_events=600)
@@ -128,7 +119,8 @@ def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, star
     assert metric(owner, "stormguard_tracked_lists") >= 1
     owner.kill()
     produce_lines(broker.bootstrap, lines(after))
-    wait_for(lambda: [a for a in live_actions(broker) if a["kind"] == "freeze"], timeout=120.0)
+    wait_for(lambda: [a for a in live_actions(broker) if a["kind"] == "freeze"], timeout=120.0,
+             what="the survivor to freeze the storm")
     freezes = [a for a in live_actions(broker) if a["kind"] == "freeze"]
     assert [(a["list"], a["message_id"], a["detector"]) for a in freezes] == \
         [(a["list"], a["message_id"], a["detector"]) for a in expected]
