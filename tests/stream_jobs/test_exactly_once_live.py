@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from stream_jobs.kafka.engines import make_broker
-from tests.conftest import ROOT, STORMGUARD, wait_for
+from tests.conftest import ROOT, STORMGUARD, produce_lines, wait_for
 from tests.scenarios import T0, background, bulletin_storm, lines, nhsmail_storm
 
 pytestmark = pytest.mark.live
@@ -156,15 +156,14 @@ def test_two_workers_one_killed_mid_storm_survivor_freezes_each_decision_once(ka
     env = {**EOS, "STORMGUARD_PARTITIONS": "4", "STORMGUARD_LEARN_HISTORY": "false"}
     w1 = start_worker(kafka.url, env=env)
     w2 = start_worker(kafka.url, app_id=w1.app_id, env=env)
-    from tests.conftest import produce_lines
-
     produce_lines(kafka.bootstrap, lines(before))
     wait_for(lambda: metric(w1, "stormguard_events_processed_total")
              + metric(w2, "stormguard_events_processed_total") >= len(before), timeout=150.0,
              what="both workers to score the background")
-    owner = w1 if metric(w1, "stormguard_tracked_lists") >= 1 else w2
+    # the detector gauges are refreshed every second
+    owner = wait_for(lambda: next((w for w in (w1, w2) if metric(w, "stormguard_tracked_lists") >= 1), None),
+                     timeout=10, what="the worker that holds the list")
     survivor = w2 if owner is w1 else w1
-    assert metric(owner, "stormguard_tracked_lists") >= 1
     owner.kill()  # at once: its last transaction (decisions, list models, offsets) is probably still open
     produce_lines(kafka.bootstrap, lines(after))
     wait_for(lambda: [a for a in read_actions(kafka.bootstrap, "read_committed") if a["kind"] == "freeze"],

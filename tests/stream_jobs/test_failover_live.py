@@ -1,12 +1,14 @@
-"""Failover between two workers, cause by cause: each test makes one thing that once broke it happen for sure.
+"""Failover between two workers, cause by cause (issue 16: the failover test failed on Apache Kafka 1 run in 8).
 
-The end-to-end failover test (test_faults_live.py) kills whichever worker holds the storm's list at a
-moment the machine picks; these fix the moment, so that a cause that showed up 1 run in 8 shows up every run.
+The end-to-end failover test (test_faults_live.py) kills whichever worker holds the storm's list at a moment
+the machine picks. Here: (a) the killed worker has committed no offset, for sure (the survivor once skipped
+such partitions; whether the survivor's fetch is in flight as the rebalance begins, which made it skip them,
+is still the machine's pick: 1 run in 6 failed before the fix), and (b) every topic the group subscribes is
+made, and in the cluster's metadata, before a worker joins (a changelog Kafka was still creating was once
+left out of every assignment).
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -23,10 +25,6 @@ def committed_offsets(bootstrap: str, group: str, topic: str = "mail.events") ->
         return {p: consumer.committed(TopicPartition(topic, p)) for p in sorted(consumer.partitions_for_topic(topic))}
     finally:
         consumer.close()
-
-
-def debug_env() -> dict:
-    return {"STORMGUARD_LOG_LEVEL": os.environ["STORMGUARD_LOG_LEVEL"]} if "STORMGUARD_LOG_LEVEL" in os.environ else {}
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -68,18 +66,21 @@ def test_after_ensure_topics_the_cluster_metadata_has_every_worker_topic(broker)
 @pytest.mark.both_brokers
 def test_survivor_scores_partitions_the_dead_worker_never_committed(broker, start_worker, tmp_path):
     """Kill the worker that holds the storm's list before it has committed any offset: the survivor must
-    read those partitions from their beginning (auto_offset_reset=earliest) and freeze the storm."""
+    read those partitions from their beginning (auto_offset_reset=earliest), also what it fetched as the
+    rebalance began and dropped (TrueEndConsumer.seek_to_committed), and freeze the storm."""
     before, after = split_bulletin_storm(background_events=600)
     expected = [a for a in offline_actions(before + after, tmp_path) if a["kind"] == "freeze"]
     # no offset commit but the ones a rebalance makes (none before the first record is scored)
-    env = {"STORMGUARD_PARTITIONS": "4", "STORMGUARD_COMMIT_INTERVAL": "600", **debug_env()}
+    env = {"STORMGUARD_PARTITIONS": "4", "STORMGUARD_COMMIT_INTERVAL": "600"}
     w1 = start_worker(broker.url, env=env)
     w2 = start_worker(broker.url, app_id=w1.app_id, env=env)
     produce_lines(broker.bootstrap, lines(before))
     wait_for(lambda: metric(w1, "stormguard_events_processed_total")
              + metric(w2, "stormguard_events_processed_total") >= len(before), timeout=150.0,
              what="both workers to score the background")
-    owner = w1 if metric(w1, "stormguard_tracked_lists") >= 1 else w2
+    # the detector gauges are refreshed every second
+    owner = wait_for(lambda: next((w for w in (w1, w2) if metric(w, "stormguard_tracked_lists") >= 1), None),
+                     timeout=10, what="the worker that holds the list")
     survivor = w2 if owner is w1 else w1
     assert committed_offsets(broker.bootstrap, w1.app_id) == {p: None for p in range(4)}
     owner.kill()
