@@ -160,8 +160,12 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
 
 
 async def _seek_to_beginning(consumer, tps: list) -> None:
-    """In the consumer's thread: aiokafka's seek to the first offset each partition still has."""
-    await consumer.seek_to_beginning(*tps)
+    """In the consumer's thread: aiokafka's seek to the first offset each partition still has, for those
+    still assigned (another rebalance may have begun since their committed offsets were read)."""
+    assigned = consumer.assignment()
+    tps = [tp for tp in tps if tp in assigned]
+    if tps:  # no await between the check and aiokafka's own, which raises for a partition not assigned
+        await consumer.seek_to_beginning(*tps)
 
 
 #: Longest wait, before a commit, for table writes still in Faust's producer buffer (seconds).
@@ -396,7 +400,7 @@ class BatchConsumer(BatchDrainConsumer):
                 # An empty fetch too, as Faust's getmany: the scheduler may release records it held back.
                 if records is not None and not self.should_stop:
                     if not self.flow_active:
-                        await self.perform_seek()  # as Faust's getmany: re-read from the committed offsets
+                        await self._seek_back()
                     else:
                         await self._deliver_fetch(records, active, handlers)
                 unset_flag(CONSUMER_FETCHING)
@@ -415,6 +419,15 @@ class BatchConsumer(BatchDrainConsumer):
             raise
         finally:
             unset_flag(CONSUMER_FETCHING)
+
+    async def _seek_back(self) -> None:
+        """As Faust's getmany when a fetch returns after the flow stopped: re-read from the committed offsets.
+        A rebalance that moves a partition away meanwhile makes aiokafka refuse the seek; as in Faust, that is
+        a warning (the next assignment seeks again), not the end of this consumer's deliveries."""
+        try:
+            await self.perform_seek()
+        except Exception as exc:
+            self.log.warning("exception performing seek when flow not active %r", exc)
 
     async def _deliver_fetch(self, records: Mapping, active: Optional[set], handlers: dict) -> None:
         generation = self.app.consumer_generation_id
