@@ -78,10 +78,17 @@ def kafka_classpath() -> str:
 def random_cluster_id() -> str:
     """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (as ``kafka-storage random-uuid``).
 
-    >>> len(random_cluster_id())
-    22
+    Never one that starts with ``-``, as Kafka's own ``Uuid.randomUuid``: ``kafka-storage format --cluster-id``
+    would read it as an option and refuse to format (1 broker start in 64 failed so).
+
+    >>> ids = [random_cluster_id() for _ in range(500)]
+    >>> {len(i) for i in ids}, any(i.startswith("-") for i in ids)
+    ({22}, False)
     """
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def brokers_in_metadata(host: str, port: int, timeout: float = 1.0) -> int:
