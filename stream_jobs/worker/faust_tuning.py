@@ -142,42 +142,13 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
         nothing to score. Such a partition goes back where a consumer without an offset starts
         (``auto_offset_reset``, ``earliest`` for the worker): at-least-once, as for a committed one.
         Changelogs are left to the table recovery, which positions them itself.
-
-        Not past what this worker has handled of it, though: after the records it handled in this assignment
-        (its read offset), and at-least-once also after those it handled before the rebalance (its commit may
-        have failed: a broker unreachable past the session timeout). Re-reading them would score them twice.
-        Under exactly-once only this assignment's count: an earlier transaction may have been aborted, and
-        its records must be scored again.
         """
         committed = await super().seek_to_committed()
-        if self.app.conf.consumer_auto_offset_reset != "earliest":
-            return committed
-        rewind, resume = [], {}
-        for tp, offset in committed.items():
-            if offset or self._is_changelog_tp(tp):
-                continue
-            handled = self._read_offset.get(tp)
-            if handled is None and not self.in_transaction:
-                handled = self._handled_before.get(tp)
-            if handled is None:
-                rewind.append(tp)
-            else:
-                resume[tp] = handled + 1
-        if rewind or resume:
+        rewind = [tp for tp, offset in committed.items() if not offset and not self._is_changelog_tp(tp)]
+        if rewind and self.app.conf.consumer_auto_offset_reset == "earliest":
             thread = self._thread
-            await thread.call_thread(_seek_back, thread._ensure_consumer(), rewind, resume)
+            await thread.call_thread(_seek_to_beginning, thread._ensure_consumer(), rewind)
         return committed
-
-    #: Partition -> the last offset this worker handled of it before a rebalance took it (Faust forgets).
-    _handled_before: dict = {}
-
-    async def on_partitions_revoked(self, revoked) -> None:
-        handled = self.__dict__.setdefault("_handled_before", {})
-        for tp in revoked:
-            offset = self._read_offset.get(tp)
-            if offset is not None:
-                handled[tp] = offset
-        await super().on_partitions_revoked(revoked)
 
     async def force_commit(self, topics=None, start_new_transaction: bool = True) -> bool:
         """Under exactly-once, never while a batch is being scored (:attr:`StormguardApp.scoring`)."""
@@ -188,16 +159,13 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
 
 
-async def _seek_back(consumer, rewind: list, resume: dict) -> None:
-    """In the consumer's thread: ``rewind`` to the first offset each partition still has, ``resume`` at the
-    given offsets, each if still assigned (another rebalance may have begun since the offsets were read)."""
+async def _seek_to_beginning(consumer, tps: list) -> None:
+    """In the consumer's thread: aiokafka's seek to the first offset each partition still has, for those
+    still assigned (another rebalance may have begun since their committed offsets were read)."""
     assigned = consumer.assignment()
-    for tp, offset in resume.items():
-        if tp in assigned:
-            consumer.seek(tp, offset)
-    rewind = [tp for tp in rewind if tp in assigned]
-    if rewind:  # no await between the check and aiokafka's own, which raises for a partition not assigned
-        await consumer.seek_to_beginning(*rewind)
+    tps = [tp for tp in tps if tp in assigned]
+    if tps:  # no await between the check and aiokafka's own, which raises for a partition not assigned
+        await consumer.seek_to_beginning(*tps)
 
 
 #: Longest wait, before a commit, for table writes still in Faust's producer buffer (seconds).
