@@ -107,6 +107,7 @@ class WorkerSettings:
     session_timeout: float = 6.0
     heartbeat_interval: float = 0.5
     fetch_max_wait_ms: int = 30
+    commit_interval: float = 2.8
     fast_drain: bool = True
     model_save_ms: int = 500
     gc_freeze_s: float = 5.0
@@ -144,6 +145,7 @@ class WorkerSettings:
             broker_heartbeat_interval=self.heartbeat_interval,
             broker_rebalance_timeout=self.session_timeout,
             broker_request_timeout=max(30.0, self.session_timeout * 2),
+            broker_commit_interval=self.commit_interval,
             producer_linger_ms=0,
             # a dead-letter envelope always fits: dlq_max_bytes plus the record's key and headers
             producer_max_request_size=max(1_048_576, self.dlq_max_bytes + 65_536),
@@ -235,6 +237,7 @@ class WorkerSettings:
             session_timeout=num("STORMGUARD_SESSION_TIMEOUT", cls.session_timeout, float),
             heartbeat_interval=num("STORMGUARD_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
             fetch_max_wait_ms=num("STORMGUARD_FETCH_MAX_WAIT_MS", cls.fetch_max_wait_ms),
+            commit_interval=num("STORMGUARD_COMMIT_INTERVAL", cls.commit_interval, float),
             fast_drain=flag("STORMGUARD_FAST_DRAIN", cls.fast_drain),
             model_save_ms=num("STORMGUARD_MODEL_SAVE_MS", cls.model_save_ms),
             gc_freeze_s=num("STORMGUARD_GC_FREEZE_S", cls.gc_freeze_s, float),
@@ -256,6 +259,8 @@ class WorkerSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["partitions"] < 1:
             raise SettingsError("STORMGUARD_PARTITIONS must be >= 1")
+        if values["commit_interval"] <= 0:
+            raise SettingsError("STORMGUARD_COMMIT_INTERVAL must be > 0")
         if values["gc_freeze_s"] < 0:
             raise SettingsError("STORMGUARD_GC_FREEZE_S must be >= 0")
         if values["model_save_ms"] < 0:
@@ -292,6 +297,9 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "1000/this fetches a second (measured on Tansu: 4% of a core at 30, 10% at 10, 16% at 5). Apache Kafka "
      "answers as soon as a record arrives, so there a shorter wait only costs CPU; on Tansu with latency "
      "first, 10 takes up to 20 ms off a freeze (docs/performance.md)"),
+    ("STORMGUARD_COMMIT_INTERVAL", "2.8", "seconds between offset commits (Faust's `broker_commit_interval`; "
+     "a catching-up worker also commits every 100,000 records). Under exactly-once, also how long a transaction "
+     "stays open: what a crash makes the next owner redo"),
     ("STORMGUARD_FAST_DRAIN", "true", "hand each fetched batch of `mail.events` records straight to the scorer, "
      "acked once per batch (`BatchConsumer`, `stream_jobs/worker/faust_tuning.py`); `false` gives stock Faust: "
      "an agent, a stream and an ack per record"),

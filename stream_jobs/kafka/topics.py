@@ -81,20 +81,75 @@ def ensure_topics(broker: str, partitions: int, app_id: str = "stormguard") -> i
                     f"{compacted} --add-config cleanup.policy=compact")
         if problems:
             raise TopicMismatch("\n".join(problems))
-        wanted = {EVENTS_TOPIC: {}, DLQ_TOPIC: {}, ACTIONS_TOPIC: {}, COMMANDS_TOPIC: {}, by_list_topic(app_id): {},
-                  LIST_STATE_TOPIC: {"cleanup.policy": "compact"}, THREAD_WATCH_TOPIC: {"cleanup.policy": "compact"}}
-        new = [NewTopic(name, n, 1, topic_configs=cfg) for name, cfg in wanted.items() if name not in existing]
+        wanted = worker_topics(app_id, n)
+        new = [NewTopic(name, count, 1, topic_configs=cfg) for name, (count, cfg) in wanted.items()
+               if name not in existing]
         if new:
             try:
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+        # another worker may have just created them: Kafka answers CreateTopics before its metadata has them
+        missing = wait_for_metadata(admin, {name: count for name, (count, _) in wanted.items()})
+        if missing:
+            log.warning("topic(s) %s not yet in the cluster's metadata after %.0f s; the worker starts anyway",
+                        ", ".join(missing), METADATA_WAIT_S)
         return n
     except KafkaError as exc:
         log.warning("could not check or create topics on %s: %s", broker, exc)
         return partitions
     finally:
         admin.close()
+
+
+def worker_topics(app_id: str, partitions: int) -> dict[str, tuple[int, dict]]:
+    """Every topic a worker reads or writes: name -> (partitions, topic configs).
+
+    Faust's own are here too (its tables' changelogs, as Faust would make them, and its leader topic), so
+    that :func:`ensure_topics` has them in the cluster's metadata before any worker joins the group: a group
+    leader that assigned while Kafka was still creating a changelog left it out of every assignment (for 5
+    minutes, the consumer's metadata refresh), and a survivor never adopted the lists of a worker that died
+    (seen on Apache Kafka; Tansu creates a topic before it answers).
+
+    >>> topics = worker_topics("sg", 4)
+    >>> topics["sg-list_models-changelog"], topics["sg-__assignor-__leader"], topics["mail.events"]
+    ((4, {'cleanup.policy': 'compact'}), (1, {}), (4, {}))
+    """
+    n, compact = partitions, {"cleanup.policy": "compact"}
+    return {EVENTS_TOPIC: (n, {}), DLQ_TOPIC: (n, {}), ACTIONS_TOPIC: (n, {}), COMMANDS_TOPIC: (n, {}),
+            by_list_topic(app_id): (n, {}), LIST_STATE_TOPIC: (n, compact), THREAD_WATCH_TOPIC: (n, compact),
+            **{name: (n, compact) for name in changelog_topics(app_id)}, leader_topic(app_id): (1, {})}
+
+
+#: Longest wait for topics just created to appear, with all their partitions, in the cluster's metadata (s).
+METADATA_WAIT_S = 30.0
+
+
+def leader_topic(app_id: str) -> str:
+    """Faust's topic that marks its group leader (one partition)."""
+    return f"{app_id}-__assignor-__leader"
+
+
+def wait_for_metadata(admin, wanted: dict[str, int], timeout: float = METADATA_WAIT_S) -> list[str]:
+    """Wait until the cluster's metadata has every topic of ``wanted`` with its partitions, each with a leader;
+    returns those still missing after ``timeout`` seconds (Kafka answers CreateTopics before every broker knows)."""
+    import time
+
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            described = admin.describe_topics(list(wanted))
+        except KafkaError:
+            described = []
+        ready = {t["name"] for t in described
+                 if not t.get("error_code") and len(t.get("partitions") or ()) == wanted[t["name"]]
+                 and all(p.get("leader_id", p.get("leader", -1)) >= 0 for p in t["partitions"])}
+        missing = sorted(set(wanted) - ready)
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.1)
 
 
 def _config_value(described, topic: str, key: str) -> Optional[str]:

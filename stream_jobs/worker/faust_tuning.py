@@ -129,6 +129,27 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             return ends
 
 
+    async def seek_to_committed(self):
+        """Faust's seek back to the committed offsets, which also rewinds partitions that have none.
+
+        When a rebalance begins, Faust drops what it fetched and has not handled (a fetch that returns after
+        the flow stopped, the rest of a fetch, what the event-time merge holds) and seeks back to the
+        committed offsets to read it again. aiokafka seeks only partitions with a committed offset above 0;
+        one with none kept its position, past the dropped records, which were never scored. Seen on Apache
+        Kafka: a survivor taking over partitions its peer died before committing drained them to their end
+        in the fetch that was waiting when the rebalance began (Faust hands that fetch its set of active
+        partitions, which the new assignment fills before pausing it), dropped them, and was ready with
+        nothing to score. Such a partition goes back where a consumer without an offset starts
+        (``auto_offset_reset``, ``earliest`` for the worker): at-least-once, as for a committed one.
+        Changelogs are left to the table recovery, which positions them itself.
+        """
+        committed = await super().seek_to_committed()
+        rewind = [tp for tp, offset in committed.items() if not offset and not self._is_changelog_tp(tp)]
+        if rewind and self.app.conf.consumer_auto_offset_reset == "earliest":
+            thread = self._thread
+            await thread.call_thread(_seek_to_beginning, thread._ensure_consumer(), rewind)
+        return committed
+
     async def force_commit(self, topics=None, start_new_transaction: bool = True) -> bool:
         """Under exactly-once, never while a batch is being scored (:attr:`StormguardApp.scoring`)."""
         scoring = getattr(self.app, "scoring", None)
@@ -136,6 +157,15 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
         async with scoring:
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
+
+
+async def _seek_to_beginning(consumer, tps: list) -> None:
+    """In the consumer's thread: aiokafka's seek to the first offset each partition still has, for those
+    still assigned (another rebalance may have begun since their committed offsets were read)."""
+    assigned = consumer.assignment()
+    tps = [tp for tp in tps if tp in assigned]
+    if tps:  # no await between the check and aiokafka's own, which raises for a partition not assigned
+        await consumer.seek_to_beginning(*tps)
 
 
 #: Longest wait, before a commit, for table writes still in Faust's producer buffer (seconds).
@@ -373,7 +403,7 @@ class BatchConsumer(BatchDrainConsumer):
                 # An empty fetch too, as Faust's getmany: the scheduler may release records it held back.
                 if records is not None and not self.should_stop:
                     if not self.flow_active:
-                        await self.perform_seek()  # as Faust's getmany: re-read from the committed offsets
+                        await self._seek_back()
                     else:
                         await self._deliver_fetch(records, active, handlers)
                 unset_flag(CONSUMER_FETCHING)
@@ -404,6 +434,15 @@ class BatchConsumer(BatchDrainConsumer):
                 if not active_partitions:  # every partition held: let the merge move first
                     return {}
         return await super()._getmany(active_partitions, timeout)
+
+    async def _seek_back(self) -> None:
+        """As Faust's getmany when a fetch returns after the flow stopped: re-read from the committed offsets.
+        A rebalance that moves a partition away meanwhile makes aiokafka refuse the seek; as in Faust, that is
+        a warning (the next assignment seeks again), not the end of this consumer's deliveries."""
+        try:
+            await self.perform_seek()
+        except Exception as exc:
+            self.log.warning("exception performing seek when flow not active %r", exc)
 
     async def _deliver_fetch(self, records: Mapping, active: Optional[set], handlers: dict) -> None:
         generation = self.app.consumer_generation_id

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from stream_jobs.kafka.engines import make_broker
-from tests.conftest import ROOT, STORMGUARD, wait_for
+from tests.conftest import ROOT, STORMGUARD, produce_lines, wait_for
 from tests.scenarios import T0, background, bulletin_storm, lines, nhsmail_storm
 
 pytestmark = pytest.mark.live
@@ -143,3 +143,35 @@ def test_worker_refuses_exactly_once_on_a_broker_without_transactions(tmp_path):
     assert "does not honour them" in run.stderr and "--engine kafka" in run.stderr
     print(f"refused in {took:.1f} s")
 
+
+
+def test_two_workers_one_killed_mid_storm_survivor_freezes_each_decision_once(kafka, start_worker, tmp_path):
+    """Failover under exactly-once: kill -9 the worker that holds the storm's list, with its transaction open;
+    the survivor takes its partitions over (its transactional producers fence the dead one's), adopts the
+    list's model as of the last committed transaction, redoes the rest, and freezes the storm once."""
+    from tests.stream_jobs.test_faults_live import split_bulletin_storm
+
+    before, after = split_bulletin_storm(background_events=600)
+    expected = offline_actions(before + after, tmp_path)
+    env = {**EOS, "STORMGUARD_PARTITIONS": "4", "STORMGUARD_LEARN_HISTORY": "false"}
+    w1 = start_worker(kafka.url, env=env)
+    w2 = start_worker(kafka.url, app_id=w1.app_id, env=env)
+    produce_lines(kafka.bootstrap, lines(before))
+    wait_for(lambda: metric(w1, "stormguard_events_processed_total")
+             + metric(w2, "stormguard_events_processed_total") >= len(before), timeout=150.0,
+             what="both workers to score the background")
+    # the detector gauges are refreshed every second
+    owner = wait_for(lambda: next((w for w in (w1, w2) if metric(w, "stormguard_tracked_lists") >= 1), None),
+                     timeout=10, what="the worker that holds the list")
+    survivor = w2 if owner is w1 else w1
+    owner.kill()  # at once: its last transaction (decisions, list models, offsets) is probably still open
+    produce_lines(kafka.bootstrap, lines(after))
+    wait_for(lambda: [a for a in read_actions(kafka.bootstrap, "read_committed") if a["kind"] == "freeze"],
+             timeout=120, what="the survivor's freeze, committed")
+    time.sleep(4.0)  # a duplicate would show within another commit interval
+    got = read_actions(kafka.bootstrap, "read_committed")
+    ids = Counter(a["action_id"] for a in got)
+    assert [i for i, n in ids.items() if n > 1] == [], "a decision published twice under read_committed"
+    assert [(a["list"], a["message_id"]) for a in got if a["kind"] == "freeze"] == \
+        [(a["list"], a["message_id"]) for a in expected if a["kind"] == "freeze"]
+    assert survivor.get("/api/lists/bulletin@nhs.net")["frozen"] is True

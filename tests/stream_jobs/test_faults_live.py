@@ -24,6 +24,18 @@ def metric(worker, name: str) -> float:
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
+def committed_offsets(bootstrap: str, group: str, topic: str = "mail.events") -> dict[int, int]:
+    """The group's committed offset of each partition of ``topic`` (0 where none)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) or 0
+                for p in sorted(consumer.partitions_for_topic(topic) or ())}
+    finally:
+        consumer.close()
+
+
 def split_bulletin_storm(background_events: int = 200) -> tuple[list[dict], list[dict]]:
     """Background, the bulletin history and two reply-alls; then the rest of the reply-alls."""
     events = background(background_events) + bulletin_storm()
@@ -77,6 +89,10 @@ def test_broker_outage_while_worker_runs(broker, start_worker):
     worker = start_worker(broker.url)
     produce_lines(broker.bootstrap, lines(background(150)))
     wait_for(lambda: metric(worker, "stormguard_events_processed_total") >= 150)
+    # and committed (every 2.8 s): events scored but not committed are read again after the rejoin
+    # (at-least-once), which the exact count below would take for a fault
+    wait_for(lambda: sum(committed_offsets(broker.bootstrap, worker.app_id).values()) >= 150, timeout=30,
+             what="the worker to commit its offsets")
     os.kill(broker.proc.pid, signal.SIGSTOP)
     try:
         time.sleep(12.0)  # two session timeouts
@@ -94,16 +110,7 @@ def test_broker_outage_while_worker_runs(broker, start_worker):
     assert worker.proc.poll() is None
 
 
-def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, start_worker, tmp_path, request):
-    if broker.engine == "kafka":
-        # Not yet fixed on Apache Kafka (README, Limits): about 1 run in 8 fails, with either consumer,
-        # because (a) a survivor that takes over partitions the dead worker never committed on sometimes
-        # scores nothing for minutes, or (b) the group leader started before Kafka finished creating the
-        # list_models changelog and left it out of every assignment, so the dead worker's models were
-        # not adopted. Tansu creates topics synchronously and shows neither.
-        request.applymarker(pytest.mark.xfail(
-            reason="Apache Kafka: a survivor can stall on partitions with no committed offset, or miss a "
-                   "changelog Kafka had not finished creating (README, Limits)", strict=False))
+def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, start_worker, tmp_path):
     # Warm-up counts the events each worker has scored: with two workers sharing
     # the background, each must see STORMGUARD_WARMUP_EVENTS (100) of its own.
     before, after = split_bulletin_storm(background_events=600)
@@ -128,7 +135,8 @@ def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, star
     assert metric(owner, "stormguard_tracked_lists") >= 1
     owner.kill()
     produce_lines(broker.bootstrap, lines(after))
-    wait_for(lambda: [a for a in live_actions(broker) if a["kind"] == "freeze"], timeout=120.0)
+    wait_for(lambda: [a for a in live_actions(broker) if a["kind"] == "freeze"], timeout=120.0,
+             what="the survivor to freeze the storm")
     freezes = [a for a in live_actions(broker) if a["kind"] == "freeze"]
     assert [(a["list"], a["message_id"], a["detector"]) for a in freezes] == \
         [(a["list"], a["message_id"], a["detector"]) for a in expected]
