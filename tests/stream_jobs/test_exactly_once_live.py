@@ -151,21 +151,12 @@ def test_two_workers_one_killed_mid_storm_survivor_freezes_each_decision_once(ka
     """Failover under exactly-once: kill -9 the worker that holds the storm's list, with its transaction open;
     the survivor takes its partitions over (its transactional producers fence the dead one's), adopts the
     list's model as of the last committed transaction, redoes the rest, and freezes the storm once."""
-    from tests.stream_jobs.test_faults_live import split_bulletin_storm
+    from tests.stream_jobs.test_faults_live import split_bulletin_storm, two_workers_score
 
     before, after = split_bulletin_storm(background_events=600)
     expected = offline_actions(before + after, tmp_path)
     env = {**EOS, "STORMGUARD_PARTITIONS": "4", "STORMGUARD_LEARN_HISTORY": "false"}
-    w1 = start_worker(kafka.url, env=env)
-    w2 = start_worker(kafka.url, app_id=w1.app_id, env=env)
-    produce_lines(kafka.bootstrap, lines(before))
-    wait_for(lambda: metric(w1, "stormguard_events_processed_total")
-             + metric(w2, "stormguard_events_processed_total") >= len(before), timeout=150.0,
-             what="both workers to score the background")
-    # the detector gauges are refreshed every second
-    owner = wait_for(lambda: next((w for w in (w1, w2) if metric(w, "stormguard_tracked_lists") >= 1), None),
-                     timeout=10, what="the worker that holds the list")
-    survivor = w2 if owner is w1 else w1
+    owner, survivor = two_workers_score(kafka, start_worker, before, env)
     owner.kill()  # at once: its last transaction (decisions, list models, offsets) is probably still open
     produce_lines(kafka.bootstrap, lines(after))
     wait_for(lambda: [a for a in read_actions(kafka.bootstrap, "read_committed") if a["kind"] == "freeze"],

@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import produce_lines, wait_for
 from tests.scenarios import lines
-from tests.stream_jobs.test_faults_live import (committed_offsets, live_actions, metric, offline_actions,
-                                                split_bulletin_storm)
+from tests.stream_jobs.test_faults_live import (committed_offsets, live_actions, offline_actions,
+                                                split_bulletin_storm, two_workers_score)
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -63,17 +63,8 @@ def test_survivor_scores_partitions_the_dead_worker_never_committed(broker, star
     expected = [a for a in offline_actions(before + after, tmp_path) if a["kind"] == "freeze"]
     # no offset commit but the ones a rebalance makes (none before the first record is scored)
     env = {"STORMGUARD_PARTITIONS": "4", "STORMGUARD_COMMIT_INTERVAL": "600"}
-    w1 = start_worker(broker.url, env=env)
-    w2 = start_worker(broker.url, app_id=w1.app_id, env=env)
-    produce_lines(broker.bootstrap, lines(before))
-    wait_for(lambda: metric(w1, "stormguard_events_processed_total")
-             + metric(w2, "stormguard_events_processed_total") >= len(before), timeout=150.0,
-             what="both workers to score the background")
-    # the detector gauges are refreshed every second
-    owner = wait_for(lambda: next((w for w in (w1, w2) if metric(w, "stormguard_tracked_lists") >= 1), None),
-                     timeout=10, what="the worker that holds the list")
-    survivor = w2 if owner is w1 else w1
-    assert committed_offsets(broker.bootstrap, w1.app_id) == {p: 0 for p in range(4)}
+    owner, survivor = two_workers_score(broker, start_worker, before, env)
+    assert committed_offsets(broker.bootstrap, owner.app_id) == {p: 0 for p in range(4)}
     owner.kill()
     produce_lines(broker.bootstrap, lines(after))
     wait_for(lambda: [a for a in live_actions(broker) if a["kind"] == "freeze"], timeout=120.0,

@@ -42,6 +42,26 @@ def split_bulletin_storm(background_events: int = 200) -> tuple[list[dict], list
     return events[:-4], events[-4:]
 
 
+def two_workers_score(broker, start_worker, before: list[dict], env: dict):
+    """Two workers of one group score ``before`` between them; returns them as (list owner, the other).
+
+    Warm-up counts the events each worker has scored: with two workers sharing the background,
+    each must see STORMGUARD_WARMUP_EVENTS (100) of its own. The wait is generous: on a loaded
+    machine a worker late with its heartbeats is put out of the group and rejoins (seen on Apache
+    Kafka, whose coordinator holds the session timeout strictly).
+    """
+    w1 = start_worker(broker.url, env=env)
+    w2 = start_worker(broker.url, app_id=w1.app_id, env=env)
+    produce_lines(broker.bootstrap, lines(before))
+    wait_for(lambda: metric(w1, "stormguard_events_processed_total")
+             + metric(w2, "stormguard_events_processed_total") >= len(before), timeout=150.0,
+             what="both workers to score the background")
+    # the detector gauges are refreshed every second
+    owner = wait_for(lambda: next((w for w in (w1, w2) if metric(w, "stormguard_tracked_lists") >= 1), None),
+                     timeout=10, what="the worker that holds the list")
+    return owner, (w2 if owner is w1 else w1)
+
+
 def offline_actions(events, tmp_path) -> list[dict]:
     path = tmp_path / "offline.jsonl"
     path.write_bytes(b"\n".join(lines(events)) + b"\n")
@@ -111,28 +131,15 @@ def test_broker_outage_while_worker_runs(broker, start_worker):
 
 
 def test_two_workers_one_killed_mid_storm_survivor_decides_the_same(broker, start_worker, tmp_path):
-    # Warm-up counts the events each worker has scored: with two workers sharing
-    # the background, each must see STORMGUARD_WARMUP_EVENTS (100) of its own.
     before, after = split_bulletin_storm(background_events=600)
     expected = [a for a in offline_actions(before + after, tmp_path) if a["kind"] == "freeze"]
-    env = {"STORMGUARD_PARTITIONS": "4"}
-    w1 = start_worker(broker.url, env=env)
-    w2 = start_worker(broker.url, app_id=w1.app_id, env=env)
-    produce_lines(broker.bootstrap, lines(before))
-    # generous: on a loaded machine a worker late with its heartbeats is put out of the group and
-    # rejoins (seen on Apache Kafka, whose coordinator holds the session timeout strictly)
-    wait_for(lambda: metric(w1, "stormguard_events_processed_total")
-             + metric(w2, "stormguard_events_processed_total") >= len(before), timeout=150.0,
-             what="both workers to score the background")
     # Kill whichever worker holds the storm's list (the only list here): the
     # other must adopt its model from the changelog and decide as it would have.
+    owner, survivor = two_workers_score(broker, start_worker, before, {"STORMGUARD_PARTITIONS": "4"})
     # Past one commit interval (2.8 s): Faust writes table changelogs through a
     # buffer that its offset commit does not always drain, so a crash inside
     # that window can cost the newest model update (README, Limits).
     time.sleep(3.5)
-    owner = w1 if metric(w1, "stormguard_tracked_lists") >= 1 else w2
-    survivor = w2 if owner is w1 else w1
-    assert metric(owner, "stormguard_tracked_lists") >= 1
     owner.kill()
     produce_lines(broker.bootstrap, lines(after))
     wait_for(lambda: [a for a in live_actions(broker) if a["kind"] == "freeze"], timeout=120.0,
