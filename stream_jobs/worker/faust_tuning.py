@@ -129,6 +129,22 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             return ends
 
 
+    async def perform_seek(self) -> None:
+        """Faust's seek back to the committed offsets, with the flow stopped until the recovery resumes it.
+
+        Faust's recovery resumes the consumer's flow when the tables are restored, then seeks the stream
+        partitions back to their committed offsets, resets its read offsets, and only then clears the
+        channel queues (``flow_control.resume``). A fetch delivered between the seek and that clear was
+        thrown away with its read offsets kept: its records, fetched again, were dropped as already read,
+        and with no committed offset yet (Faust then skips its contiguous-offset check) the first commit
+        went past them. Seen on Apache Kafka under exactly-once (whose stream agent reads those queues):
+        a worker still finishing a rebalance when traffic began lost exactly the first produced batch of
+        each of its partitions (39 + 44 records), committed at their ends, never scored. With the flow
+        stopped here nothing is delivered until both recovery paths that call this resume it, right after
+        the clear; what a stopped fetch dropped is before the seek and is fetched again."""
+        self.stop_flow()
+        await super().perform_seek()
+
     async def seek_to_committed(self):
         """Faust's seek back to the committed offsets, which also rewinds partitions that have none.
 
