@@ -111,6 +111,7 @@ class WorkerSettings:
     fast_drain: bool = True
     model_save_ms: int = 500
     gc_freeze_s: float = 5.0
+    gc_catch_up_threshold: int = 50_000
     order_wait_ms: int = 2000
     latency_trace: bool = False
     enforce: bool = True
@@ -241,6 +242,7 @@ class WorkerSettings:
             fast_drain=flag("STORMGUARD_FAST_DRAIN", cls.fast_drain),
             model_save_ms=num("STORMGUARD_MODEL_SAVE_MS", cls.model_save_ms),
             gc_freeze_s=num("STORMGUARD_GC_FREEZE_S", cls.gc_freeze_s, float),
+            gc_catch_up_threshold=num("STORMGUARD_GC_CATCH_UP_THRESHOLD", cls.gc_catch_up_threshold),
             order_wait_ms=num("STORMGUARD_ORDER_WAIT_MS", cls.order_wait_ms),
             latency_trace=flag("STORMGUARD_LATENCY_TRACE", cls.latency_trace),
             enforce=flag("STORMGUARD_ENFORCE", cls.enforce),
@@ -263,6 +265,8 @@ class WorkerSettings:
             raise SettingsError("STORMGUARD_COMMIT_INTERVAL must be > 0")
         if values["gc_freeze_s"] < 0:
             raise SettingsError("STORMGUARD_GC_FREEZE_S must be >= 0")
+        if values["gc_catch_up_threshold"] < 0:
+            raise SettingsError("STORMGUARD_GC_CATCH_UP_THRESHOLD must be >= 0 (0: Python's collector thresholds)")
         if values["model_save_ms"] < 0:
             raise SettingsError("STORMGUARD_MODEL_SAVE_MS must be >= 0")
         if values["order_wait_ms"] < 0:
@@ -312,6 +316,11 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "permanent GC generation (`gc.freeze`), so full collections scan only newer objects: with a day of "
      "learned state they took 50-180 ms and set the tail latency. Once an hour everything is unfrozen and "
      "collected (one such pause an hour). 0: Python's default collector"),
+    ("STORMGUARD_GC_CATCH_UP_THRESHOLD", "50000", "while the worker catches up a backlog (its batch's newest record "
+     "more than a second old), Python's collector runs a young-generation pass every this many container "
+     "allocations instead of every 700: the collector took a quarter of the worker's CPU catching up, and nobody "
+     "waits on a backlog's records. Live again, Python's thresholds come back (a pass of 50,000 objects takes "
+     "~25 ms, which produce -> freeze must not wait for). 0: Python's thresholds always"),
     ("STORMGUARD_ENFORCE", "true", "`false` is shadow mode, for a roll-out: every decision is made and "
      "published on `stormguard.actions` with `\"enforced\": false`, but no list is held: "
      "`stormguard.list-state` and `/api/lists` never show one frozen by Stormguard, Mailman, the HTTP sink "

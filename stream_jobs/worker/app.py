@@ -41,6 +41,7 @@ from kafka.partitioner.default import murmur2
 from stream_jobs import metrics
 from stream_jobs.worker.event_order import EventTimeScheduler, event_time_of
 from stream_jobs.worker.faust_tuning import RawSchema, RecordEvent, StormguardApp
+from stream_jobs.worker.heap import CollectorPace
 from stream_jobs.worker.latency_trace import LatencyTrace
 from stream_jobs.settings import (ACTIONS_TOPIC, COMMANDS_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, LIST_STATE_TOPIC,
                                   THREAD_WATCH_TOPIC, WorkerSettings, by_list_topic, secret)
@@ -149,6 +150,8 @@ class StormguardWorker:
         #: Freezes between two full collections of everything (about an hour at the default interval).
         self.gc_reclaim_every = max(1, round(3600 / settings.gc_freeze_s)) if settings.gc_freeze_s else 0
         self._gc_freezes = 0
+        #: fewer, longer collections while a backlog is caught up (worker/heap.py)
+        self.collector_pace = CollectorPace(settings.gc_catch_up_threshold)
         metrics.HISTORY_UNTIL.set(settings.policy.learn_only_until)
         metrics.LIVE.set(0 if self.live_since is None else 1)
         _declare(self)
@@ -265,6 +268,7 @@ class StormguardWorker:
         # which writes them all (_SaveModelsBeforeCommit), once per list rather than every model_save_ms.
         newest = _record_time(events[-1]) if events else None
         self.catching_up = newest is not None and time.time() - newest > CATCH_UP_S
+        self.collector_pace.follow(self.catching_up)
         if not self.catching_up:
             self.save_models(changed_before=time.monotonic() - self.model_save_s)
 
@@ -652,6 +656,7 @@ def _declare(worker: StormguardWorker) -> None:
                                      "events_learned": detector.history_learned,
                                      "live": worker.live_since is not None, "live_since": worker.live_since},
                          "dead_letter_failures": worker.dead_letter_failures,
+                         "catching_up": worker.catching_up,
                          "held_for_order": getattr(scheduler, "held", 0),
                          "released_out_of_order": getattr(scheduler, "released_early", 0)})
 

@@ -28,7 +28,9 @@ def test_policy_overrides_from_environment():
                                        ({"STORMGUARD_PARTITIONS": "0"}, "STORMGUARD_PARTITIONS"),
                                        ({"STORMGUARD_FAST_DRAIN": "maybe"}, "STORMGUARD_FAST_DRAIN"),
                                        ({"STORMGUARD_MODEL_SAVE_MS": "-5"}, "STORMGUARD_MODEL_SAVE_MS"),
-                                       ({"STORMGUARD_GC_FREEZE_S": "-1"}, "STORMGUARD_GC_FREEZE_S")])
+                                       ({"STORMGUARD_GC_FREEZE_S": "-1"}, "STORMGUARD_GC_FREEZE_S"),
+                                       ({"STORMGUARD_GC_CATCH_UP_THRESHOLD": "-1"},
+                                        "STORMGUARD_GC_CATCH_UP_THRESHOLD")])
 def test_bad_settings_name_the_setting(env, name):
     with pytest.raises(SettingsError, match=name):
         WorkerSettings.from_env(env)
@@ -38,6 +40,8 @@ def test_consumer_tuning_settings():
     assert WorkerSettings.from_env({}).fast_drain is True
     assert WorkerSettings.from_env({"STORMGUARD_FAST_DRAIN": "off"}).fast_drain is False
     assert WorkerSettings.from_env({"STORMGUARD_MODEL_SAVE_MS": "0"}).model_save_ms == 0
+    assert WorkerSettings.from_env({}).gc_catch_up_threshold == 50_000
+    assert WorkerSettings.from_env({"STORMGUARD_GC_CATCH_UP_THRESHOLD": "0"}).gc_catch_up_threshold == 0
 
 
 def test_secrets_come_from_env_or_file(tmp_path):

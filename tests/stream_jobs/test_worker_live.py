@@ -82,6 +82,18 @@ def test_live_and_offline_take_the_same_decisions(broker, start_worker, tmp_path
     assert [key(a) for a in live_actions] == [key(a) for a in offline_actions]
 
 
+def test_a_backlog_is_caught_up_then_the_worker_is_live(broker, start_worker):
+    """Records produced before the worker started are a backlog (/healthz says so, and the collector is
+    relaxed meanwhile, worker/heap.py); the first fresh record puts the worker back to live pace."""
+    produce_lines(broker.bootstrap, lines(background(200)))
+    time.sleep(1.5)  # older than the worker's catch-up mark (1 s) by the time it reads them
+    worker = start_worker(broker.url)
+    health = wait_for(lambda: (h := worker.get("/healthz")).get("records", 0) >= 200 and h)
+    assert health["catching_up"] is True
+    produce_lines(broker.bootstrap, lines(background(1, start=T0 + 5000)))
+    wait_for(lambda: worker.get("/healthz")["catching_up"] is False, what="the worker back to live pace")
+
+
 def _saved_models(broker, worker, address: str) -> list:
     """Every model of ``address`` in the worker's changelog, oldest first (raw bytes on the wire: the pickle)."""
     import pickle
