@@ -109,7 +109,6 @@ class WorkerSettings:
     fetch_max_wait_ms: int = 30
     commit_interval: float = 2.8
     fast_drain: bool = True
-    fetch_ahead: bool = True
     model_save_ms: int = 500
     gc_freeze_s: float = 5.0
     gc_catch_up_threshold: int = 50_000
@@ -241,7 +240,6 @@ class WorkerSettings:
             fetch_max_wait_ms=num("STORMGUARD_FETCH_MAX_WAIT_MS", cls.fetch_max_wait_ms),
             commit_interval=num("STORMGUARD_COMMIT_INTERVAL", cls.commit_interval, float),
             fast_drain=flag("STORMGUARD_FAST_DRAIN", cls.fast_drain),
-            fetch_ahead=flag("STORMGUARD_FETCH_AHEAD", cls.fetch_ahead),
             model_save_ms=num("STORMGUARD_MODEL_SAVE_MS", cls.model_save_ms),
             gc_freeze_s=num("STORMGUARD_GC_FREEZE_S", cls.gc_freeze_s, float),
             gc_catch_up_threshold=num("STORMGUARD_GC_CATCH_UP_THRESHOLD", cls.gc_catch_up_threshold),
@@ -309,9 +307,6 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
     ("STORMGUARD_FAST_DRAIN", "true", "hand each fetched batch of `mail.events` records straight to the scorer, "
      "acked once per batch (`BatchConsumer`, `stream_jobs/worker/faust_tuning.py`); `false` gives stock Faust: "
      "an agent, a stream and an ack per record"),
-    ("STORMGUARD_FETCH_AHEAD", "true", "the worker's consumer asks aiokafka for the next fetch as soon as the "
-     "current one is merged, so that it is fetched and unpacked while the current one is scored; `false` asks "
-     "only once it is scored, as Faust does. With `STORMGUARD_FAST_DRAIN=true` only"),
     ("STORMGUARD_MODEL_SAVE_MS", "500", "how long, in milliseconds, a changed list model may wait before it "
      "is written to the `list_models` changelog (freezes are written at once); 0 writes them after every batch. "
      "Every changed model is also written when an offset commit starts, so this spreads the writes out "

@@ -414,15 +414,14 @@ class BatchConsumer(BatchDrainConsumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()) and self._handler_failed is None:
                 set_flag(CONSUMER_FETCHING)
-                ahead, self._ahead = self._ahead, None
-                records, active = await (ahead if ahead is not None else self._wait_next_records(1.0))
+                records, active = await self._wait_next_records(1.0)
                 await self.sleep(0)
                 # An empty fetch too, as Faust's getmany: the scheduler may release records it held back.
                 if records is not None and not self.should_stop:
                     if not self.flow_active:
                         await self._seek_back()
                     else:
-                        await self._deliver_fetch(records, active, handlers, ask_ahead=bool(records))
+                        await self._deliver_fetch(records, active, handlers)
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -439,11 +438,6 @@ class BatchConsumer(BatchDrainConsumer):
             raise
         finally:
             unset_flag(CONSUMER_FETCHING)
-            if self._ahead is not None:
-                self._ahead.cancel()
-                self._ahead = None
-
-    _ahead: Optional[asyncio.Future] = None
 
     async def _getmany(self, active_partitions, timeout: float):  # pragma: no cover - runs in the worker
         """Faust's, without the partitions the scheduler holds enough of (its ``full()``, if it has one):
@@ -466,8 +460,7 @@ class BatchConsumer(BatchDrainConsumer):
         except Exception as exc:
             self.log.warning("exception performing seek when flow not active %r", exc)
 
-    async def _deliver_fetch(self, records: Mapping, active: Optional[set], handlers: dict,
-                             ask_ahead: bool = False) -> None:
+    async def _deliver_fetch(self, records: Mapping, active: Optional[set], handlers: dict) -> None:
         generation = self.app.consumer_generation_id
         buffered = self._buffered_partitions
         read_offset = self._read_offset
@@ -505,11 +498,6 @@ class BatchConsumer(BatchDrainConsumer):
         for tp, start, end in gaps:
             if self.app.topics.acks_enabled_for(tp.topic):
                 await self._add_gap(tp, start, end)
-        if ask_ahead and self._ahead is None and getattr(self.app, "fetch_ahead", False):
-            # A backlog: aiokafka's thread fetches and unpacks the next records while these are scored, rather
-            # than the scorer waiting for them afterwards. Asked for now that the merge holds this fetch (its
-            # full() sees it). One that comes back after a rebalance began is dropped as any late fetch is.
-            self._ahead = asyncio.ensure_future(self._wait_next_records(1.0))
         for handler, batch in pending.items():
             step = handler.max_records
             for i in range(0, len(batch), step):
@@ -631,10 +619,8 @@ class StormguardApp(faust.App):
     #: Under exactly-once: writes queued in Faust's producer buffer and not yet acknowledged by the broker.
     unsent: "set | None" = None
 
-    def __init__(self, *args: Any, fast_drain: bool = True, fetch_ahead: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fast_drain: bool = True, **kwargs: Any) -> None:
         self.fast_drain = fast_drain
-        #: the batch consumer asks for the next fetch while one is scored (``STORMGUARD_FETCH_AHEAD``)
-        self.fetch_ahead = fetch_ahead
         #: topic name -> its batch agent (:meth:`batch_agent`)
         self.batch_handlers: dict[str, BatchHandler] = {}
         super().__init__(*args, **kwargs)
@@ -676,8 +662,7 @@ class StormguardApp(faust.App):
         shorten_fetch_long_poll(settings.fetch_max_wait_ms)
         if settings.fast_drain:
             options.setdefault("broker_commit_every", COMMIT_EVERY)
-        return cls(settings.app_id, fast_drain=settings.fast_drain, fetch_ahead=settings.fetch_ahead,
-                   **settings.faust_app_options(), **options)
+        return cls(settings.app_id, fast_drain=settings.fast_drain, **settings.faust_app_options(), **options)
 
     def _new_producer(self):
         producer = super()._new_producer()

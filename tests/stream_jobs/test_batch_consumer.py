@@ -13,9 +13,8 @@ import pytest
 from stream_jobs.worker.faust_tuning import RecordEvent, StormguardApp
 
 
-def _app(fail_on: int = -1, fetch_ahead: bool = True, log: list = None):
-    app = StormguardApp(f"test-batch-{fail_on}", broker="kafka://127.0.0.1:1", store="memory://", web_enabled=False,
-                        fetch_ahead=fetch_ahead)
+def _app(fail_on: int = -1):
+    app = StormguardApp(f"test-batch-{fail_on}", broker="kafka://127.0.0.1:1", store="memory://", web_enabled=False)
     topic = app.topic("mail.events", partitions=2)
     handled: list[list[int]] = []
 
@@ -25,8 +24,6 @@ def _app(fail_on: int = -1, fetch_ahead: bool = True, log: list = None):
             raise RuntimeError("drill")
         await asyncio.sleep(0)
         handled.append([r.offset for r in records])
-        if log is not None:
-            log.append(("scored", [r.offset for r in records]))
 
     return app, handled
 
@@ -91,34 +88,6 @@ def test_a_fetch_reaches_the_handler_in_chunks_in_the_schedulers_order():
         # Faust's round robin here (the worker sets the event-time scheduler): 3 records a chunk
         assert [len(c) for c in handled] == [3, 1] and sorted(sum(handled, [])) == [0, 0, 1, 1]
         assert consumer._new_offset(tp) == 2 and consumer._new_offset(tp1) == 2
-
-    asyncio.run(main())
-
-
-@pytest.mark.parametrize("fetch_ahead", [True, False])
-def test_the_next_fetch_is_asked_for_while_a_fetch_is_scored(fetch_ahead):
-    """STORMGUARD_FETCH_AHEAD: aiokafka's thread fetches the next records while these are scored; off, the
-    consumer asks only once they are (Faust's way). An empty fetch asks for nothing ahead: no backlog."""
-    async def main():
-        log: list = []
-        app, handled = _app(fetch_ahead=fetch_ahead, log=log)
-        consumer, tp, handler = await _consumer(app)
-        consumer.flow_active = True
-
-        async def next_records(timeout):
-            log.append(("fetch asked", None))
-            return {}, None
-
-        consumer._wait_next_records = next_records
-        await consumer._deliver_fetch({tp: _records(tp, [0, 1, 2, 3])}, None, app.batch_handlers, ask_ahead=True)
-        if fetch_ahead:
-            assert log == [("fetch asked", None), ("scored", [0, 1, 2]), ("scored", [3])]
-            assert (await consumer._ahead) == ({}, None)  # what the drain loop takes next
-        else:
-            assert log == [("scored", [0, 1, 2]), ("scored", [3])] and consumer._ahead is None
-        consumer._ahead = None
-        await consumer._deliver_fetch({}, None, app.batch_handlers, ask_ahead=False)
-        assert consumer._ahead is None
 
     asyncio.run(main())
 
