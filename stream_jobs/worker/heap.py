@@ -11,7 +11,10 @@ to the collector, 0.4 s with a threshold of 50,000.
 A bigger threshold makes each young pass longer (~25 ms at 50,000 objects here), which live traffic
 must not wait for: produce -> freeze is tens of milliseconds. So the threshold is raised only while
 the worker catches up (its batch's newest record more than a second old: nobody is waiting on
-those records) and put back as soon as it is live again.
+those records) and put back as soon as it is live again. At that moment up to a threshold's worth
+of young objects is waiting: rather than the first live record paying for a pass over them, they
+are frozen (``gc.freeze``, which moves them to the permanent generation without scanning them),
+as the worker's freeze timer does every ``STORMGUARD_GC_FREEZE_S`` anyway.
 
 >>> import gc
 >>> before = gc.get_threshold()
@@ -20,11 +23,15 @@ those records) and put back as soon as it is live again.
 50000
 >>> pace.follow(catching_up=False); gc.get_threshold() == before
 True
+>>> gc.unfreeze()
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+
+log = logging.getLogger(__name__)
 
 
 class CollectorPace:
@@ -50,6 +57,9 @@ class CollectorPace:
         if catching_up:
             self.live_thresholds = gc.get_threshold()
             gc.set_threshold(self.catch_up_threshold, *self.live_thresholds[1:])
+            log.info("catching up a backlog: a young collection every %d allocations", self.catch_up_threshold)
         else:
+            gc.freeze()  # what the backlog left young: no pass over it on the first live record
             gc.set_threshold(*self.live_thresholds)
+            log.info("live: the collector's thresholds are back to %s", self.live_thresholds)
         self.relaxed = catching_up

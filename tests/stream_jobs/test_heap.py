@@ -29,6 +29,18 @@ def test_catching_up_raises_the_young_threshold_and_live_puts_back_what_was_ther
     assert gc.get_threshold() == (900, 11, 12)
 
 
+def test_going_live_leaves_no_young_objects_for_the_first_live_record_to_collect():
+    pace = CollectorPace(50_000)
+    pace.follow(catching_up=True)
+    backlog = [[i] for i in range(20_000)]  # young containers, fewer than the relaxed threshold
+    assert gc.get_count()[0] >= 20_000
+    frozen = gc.get_freeze_count()
+    pace.follow(catching_up=False)
+    assert gc.get_count()[0] < 700 and gc.get_freeze_count() >= frozen + 20_000
+    gc.unfreeze()
+    del backlog
+
+
 def test_thresholds_set_while_live_are_the_ones_restored():
     pace = CollectorPace(20_000)
     gc.set_threshold(1000, 10, 10)
