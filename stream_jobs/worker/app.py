@@ -234,17 +234,7 @@ class StormguardWorker:
                     await self.by_list.send(key=address.encode(), value=raw, partition=home[address],
                                             headers=event.headers, timestamp=_record_time(event))
             if outcome.actions:
-                # Tables partition their changelog by the record being processed (a freeze writes list_state).
-                _current_event.set(weakref.ref(event))
-                scored = time.time() if trace is not None else 0.0
-                for action in outcome.actions:
-                    sent = await self.publish(action)
-                    if trace is not None and action.kind == "freeze":
-                        trace.freeze(event, outcome, index, len(events), batch_start, scored, sent)
-                # The producer sends from this event loop: let it put the decision on the wire now rather than
-                # after the rest of the batch is scored (its send task starts on the third turn of the loop).
-                for _ in range(HAND_OVER_TURNS):
-                    await asyncio.sleep(0)
+                await self.publish_decisions(event, outcome, event, index, len(events), batch_start)
             if by_list:  # the message was counted where it was read
                 for action in outcome.actions:
                     metrics.observe_action(action, _record_time(event))
@@ -304,16 +294,32 @@ class StormguardWorker:
         waiting = self.unsaved.get(address)
         self.unsaved[address] = (share, now if waiting is None else waiting[1])
         if outcome.actions:
-            _current_event.set(weakref.ref(share))
-            scored = time.time() if self.trace is not None else 0.0
-            for action in outcome.actions:
-                sent = await self.publish(action)
-                if self.trace is not None and action.kind == "freeze":  # timed as its source record
-                    self.trace.freeze(source, outcome, 0, 1, scored, scored, sent)
-            for _ in range(HAND_OVER_TURNS):  # as in score_batch: the decision goes out now
-                await asyncio.sleep(0)
+            await self.publish_decisions(share, outcome, source)  # traced as its source record
             for action in outcome.actions:
                 metrics.observe_action(action, _record_time(source))
+
+    async def publish_decisions(self, writes_as, outcome: Outcome, traced, index: int = 0, batch_len: int = 1,
+                                batch_start: Optional[float] = None) -> None:
+        """Publish a scored record's actions, and let the producer put them on the wire now.
+
+        ``writes_as`` is the record whose partition the table writes go to (the record itself, or the
+        by-list share a list post stands in for when it is scored here); ``traced`` is the record a
+        freeze's latency trace times (``STORMGUARD_LATENCY_TRACE``), ``index`` its place in a batch of
+        ``batch_len`` that started at ``batch_start``.
+        """
+        # Tables partition their changelog by the record being processed (a freeze writes list_state).
+        _current_event.set(weakref.ref(writes_as))
+        trace = self.trace
+        scored = time.time() if trace is not None else 0.0
+        for action in outcome.actions:
+            sent = await self.publish(action)
+            if trace is not None and action.kind == "freeze":
+                trace.freeze(traced, outcome, index, batch_len, scored if batch_start is None else batch_start,
+                             scored, sent)
+        # The producer sends from this event loop: let it put the decision on the wire now rather than after
+        # the rest of the batch is scored (its send task starts on the third turn of the loop).
+        for _ in range(HAND_OVER_TURNS):
+            await asyncio.sleep(0)
 
     def _note_history(self) -> None:
         detector, settings = self.detector, self.settings
