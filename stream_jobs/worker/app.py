@@ -85,7 +85,9 @@ class StormguardWorker:
             max_wait = settings.order_wait_ms / 1000.0
             has_backlog = staticmethod(self._has_backlog)
             assigned = staticmethod(lambda: worker.app.consumer.assignment())
-            generation = staticmethod(lambda: worker.app.consumer_generation_id)
+            # a rebalance or a seek back to the committed offsets: what the merge holds is fetched again
+            generation = staticmethod(lambda: (worker.app.consumer_generation_id,
+                                               getattr(worker.app.consumer, "seek_epoch", None)))
             # the batch path hands what the merge decoded on to the scorer; elsewhere only the time is read
             decode = staticmethod(decode_record) if settings.fast_drain and not settings.exactly_once else None
 

@@ -115,7 +115,13 @@ def true_end_offsets(servers: list[str], security: dict, ends: dict) -> dict:
 
 
 class TrueEndConsumer(_faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer, with end offsets a table's recovery can trust (:func:`true_end_offsets`)."""
+    """Faust's aiokafka consumer, with end offsets a table's recovery can trust (:func:`true_end_offsets`),
+    and no fetch delivered across a seek (:meth:`_wait_next_records`)."""
+
+    #: Bumped when a seek back to the committed offsets begins and when it ends: a fetch that saw it change
+    #: may hold records read from before the seek (:meth:`_wait_next_records`). The event-time merge
+    #: drops what it holds when it changes, as on a rebalance.
+    seek_epoch: int = 0
 
     async def highwaters(self, *partitions):  # pragma: no cover - runs in the worker
         ends = dict(await super().highwaters(*partitions))
@@ -143,7 +149,43 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
         stopped here nothing is delivered until both recovery paths that call this resume it, right after
         the clear; what a stopped fetch dropped is before the seek and is fetched again."""
         self.stop_flow()
-        await super().perform_seek()
+        await self._seek_committed()
+
+    async def _seek_committed(self) -> None:
+        self.seek_epoch += 1
+        try:
+            await super().perform_seek()
+        finally:
+            self.seek_epoch += 1
+
+    async def _wait_next_records(self, timeout: float):
+        """Faust's fetch, with what it got from before a seek dropped and the seek made again.
+
+        A fetch is awaited in the consumer's thread while the recovery, on the event loop, seeks the
+        partitions back to their committed offsets and resumes the flow. Records it returns after that
+        may have been read from the old positions: delivered, they were taken for records after the
+        seek. Seen on Apache Kafka with two workers starting together on a full topic: the survivor of
+        the first rebalance was handed records 4,046 onwards of a partition just rewound to 0, scored
+        them, then dropped 0 to 4,045 as already read; its commits went past them (or stuck below
+        them), and ``/healthz`` said ok with a quarter of the topic never scored. Which records of such
+        a fetch came before the seek is not known, so none of the stream's are delivered: the seek is
+        made again (the records are fetched again from the committed offsets, at-least-once as on any
+        rebalance). A table's changelog records go on as fetched: the recovery positions those itself.
+        """
+        epoch = self.seek_epoch
+        records, active = await super()._wait_next_records(timeout)
+        if not records or self.seek_epoch == epoch:
+            return records, active
+        changelog = self._is_changelog_tp
+        kept = {tp: batch for tp, batch in records.items() if changelog(tp)}
+        if len(kept) < len(records):
+            self.log.info("a fetch spanned a seek to the committed offsets: its records are fetched again")
+            if self.flow_active:  # else the rebalance under way seeks before anything is delivered
+                try:
+                    await self._seek_committed()
+                except Exception as exc:  # a partition moved away meanwhile: the next assignment seeks
+                    self.log.warning("exception seeking again after a fetch spanned a seek %r", exc)
+        return kept, active
 
     async def seek_to_committed(self):
         """Faust's seek back to the committed offsets, which also rewinds partitions that have none.
@@ -461,7 +503,7 @@ class BatchConsumer(BatchDrainConsumer):
             self.log.warning("exception performing seek when flow not active %r", exc)
 
     async def _deliver_fetch(self, records: Mapping, active: Optional[set], handlers: dict) -> None:
-        generation = self.app.consumer_generation_id
+        generation, epoch = self.app.consumer_generation_id, self.seek_epoch
         buffered = self._buffered_partitions
         read_offset = self._read_offset
         pending: dict[BatchHandler, list] = {}
@@ -493,7 +535,8 @@ class BatchConsumer(BatchDrainConsumer):
                                      record.key, record.value, record.headers, tp, decoded))
         if others:
             await self.wait_first(self._deliver(self._as_messages(others)), self.suspend_flow.wait())
-        if not pending or not self.flow_active or generation != self.app.consumer_generation_id:
+        if not pending or not self.flow_active or generation != self.app.consumer_generation_id \
+                or epoch != self.seek_epoch:
             return  # a rebalance began: these are fetched again from the committed offsets
         for tp, start, end in gaps:
             if self.app.topics.acks_enabled_for(tp.topic):
@@ -502,7 +545,7 @@ class BatchConsumer(BatchDrainConsumer):
             step = handler.max_records
             for i in range(0, len(batch), step):
                 if not self.flow_active or generation != self.app.consumer_generation_id \
-                        or self._handler_failed is not None:
+                        or epoch != self.seek_epoch or self._handler_failed is not None:
                     return
                 await self._handle(handler, batch[i:i + step])
 
@@ -554,8 +597,15 @@ class BatchConsumer(BatchDrainConsumer):
             committed = self._committed_offset[tp]
             if committed is not None and offs[0] < committed:
                 offs = [o for o in offs if o >= committed]
+            index = self._acked_index[tp]
+            if index and not index.isdisjoint(offs):
+                # Acked already, as Faust's own ack refuses: a chunk finished while a rebalance began acks
+                # after Faust cleared the partition's bookkeeping, and the partition, kept, is read again
+                # from its committed offset. Twice in Faust's list, an offset breaks every run of
+                # consecutive offsets there, and each commit moved one record on (seen on Apache Kafka).
+                offs = [o for o in offs if o not in index]
             self._acked[tp].extend(offs)
-            self._acked_index[tp].update(offs)
+            index.update(offs)
             self._n_acked += len(offs)
         notify(self._waiting_for_ack)
 

@@ -36,6 +36,21 @@ def committed_offsets(bootstrap: str, group: str, topic: str = "mail.events") ->
         consumer.close()
 
 
+def end_offsets(bootstrap: str, topic: str = "mail.events") -> dict[int, int]:
+    """One past the last record of each partition of ``topic`` (Tansu reports the start of the last batch)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from stream_jobs.worker.faust_tuning import true_end_offsets
+
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        reported = consumer.end_offsets(tps)
+    finally:
+        consumer.close()
+    return {tp.partition: n for tp, n in true_end_offsets([bootstrap], {}, reported).items()}
+
+
 def split_bulletin_storm(background_events: int = 200) -> tuple[list[dict], list[dict]]:
     """Background, the bulletin history and two reply-alls; then the rest of the reply-alls."""
     events = background(background_events) + bulletin_storm()
@@ -166,3 +181,36 @@ def test_burst_lag_drains_and_state_stays_bounded(broker, start_worker):
         assert metric(worker, "stormguard_tracked_lists") <= 100
     assert worker.proc.poll() is None
     assert metric(worker, "stormguard_events_invalid_total") == 0
+
+
+def test_two_workers_starting_together_on_a_full_topic_score_every_record(broker, start_worker):
+    """Two workers started at once on a topic already full: the first takes every partition and is
+    fetching when the second joins. Seen on Apache Kafka (``make bench``): a fetch awaited across the
+    rebalance's seek back to the committed offsets came back with records from before it, was scored,
+    and the partition's records before those were then dropped as already read; a quarter of the
+    topic was never scored while ``/healthz`` said ok. Two groups in turn, as the race is one of timing."""
+    from stream_jobs.bench.traffic import encode_all, realistic_events
+    from stream_jobs.kafka.topics import ensure_topics
+
+    records = encode_all(realistic_events(30_000, seed=19))
+    ensure_topics(broker.url, 8)
+    produce_lines(broker.bootstrap, records)
+    for _ in range(2):
+        first = start_worker(broker.url, wait=False, env={"STORMGUARD_PARTITIONS": "8"})
+        second = start_worker(broker.url, wait=False, app_id=first.app_id, env={"STORMGUARD_PARTITIONS": "8"})
+        for w in (first, second):
+            w.wait_ready(90.0)
+
+        def scored() -> int:
+            return sum(w.get("/healthz")["records"] for w in (first, second))
+
+        wait_for(lambda: scored() >= len(records), timeout=150.0, interval=0.5,
+                 what=f"two workers to score the {len(records):,} records between them")
+        ends = end_offsets(broker.bootstrap)
+        deadline = time.monotonic() + 30.0  # a commit interval or two
+        while (committed := committed_offsets(broker.bootstrap, first.app_id)) != ends \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert committed == ends, "the group's commits stopped short of the ends of the partitions"
+        for w in (first, second):
+            w.stop()
