@@ -122,6 +122,8 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
     #: may hold records read from before the seek (:meth:`_wait_next_records`). The event-time merge
     #: drops what it holds when it changes, as on a rebalance.
     seek_epoch: int = 0
+    _fetch_in_flight: Optional[asyncio.Future] = None
+    _fetch_epoch: int = 0
 
     async def highwaters(self, *partitions):  # pragma: no cover - runs in the worker
         ends = dict(await super().highwaters(*partitions))
@@ -151,6 +153,25 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
         self.stop_flow()
         await self._seek_committed()
 
+    def verify_event_path(self, now: float, tp) -> None:
+        """Faust's check that a partition's records are flowing, skipped while aiokafka has no position for it.
+
+        A partition rewound to its beginning (:meth:`seek_to_committed`) has none until the broker answers
+        the offset reset; Faust's check reads it anyway, and aiokafka's assertion crashed the worker (seen
+        on Apache Kafka right after a restart under exactly-once, once seeks after a fetch that spanned
+        one had made that window more frequent). The next check, a few seconds on, looks again.
+        """
+        try:
+            from aiokafka.structs import TopicPartition
+
+            assignment = self._thread._ensure_consumer()._fetcher._subscriptions.subscription.assignment
+            state = assignment.state_value(TopicPartition(tp.topic, tp.partition)) if assignment else None
+        except Exception:  # no consumer or no assignment yet: Faust's own check copes with that
+            state = None
+        if state is not None and not state.has_valid_position:
+            return None
+        return super().verify_event_path(now, tp)
+
     async def _seek_committed(self) -> None:
         self.seek_epoch += 1
         try:
@@ -159,32 +180,52 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             self.seek_epoch += 1
 
     async def _wait_next_records(self, timeout: float):
-        """Faust's fetch, with what it got from before a seek dropped and the seek made again.
+        """Faust's fetch, never lost to a cancelled wait, and with what it got from before a seek dropped.
 
-        A fetch is awaited in the consumer's thread while the recovery, on the event loop, seeks the
-        partitions back to their committed offsets and resumes the flow. Records it returns after that
-        may have been read from the old positions: delivered, they were taken for records after the
-        seek. Seen on Apache Kafka with two workers starting together on a full topic: the survivor of
-        the first rebalance was handed records 4,046 onwards of a partition just rewound to 0, scored
-        them, then dropped 0 to 4,045 as already read; its commits went past them (or stuck below
-        them), and ``/healthz`` said ok with a quarter of the topic never scored. Which records of such
-        a fetch came before the seek is not known, so none of the stream's are delivered: the seek is
-        made again (the records are fetched again from the committed offsets, at-least-once as on any
-        rebalance). A table's changelog records go on as fetched: the recovery positions those itself.
+        * A fetch runs in the consumer's thread and advances aiokafka's positions when it returns. The
+          drain awaits it inside ``wait_first`` with the flow's suspension, so a rebalance beginning
+          cancelled the wait and not the fetch: what it returned later was thrown away, past the
+          seek that should have brought it back. Seen on Apache Kafka under exactly-once: the first
+          49 records of a partition never scored, the commits at its end. The fetch is shielded
+          here; a wait cancelled before it ends leaves it to the next call, which takes its records.
+        * The recovery, on the event loop, seeks the partitions back to their committed offsets and
+          resumes the flow while a fetch is awaited in the thread. Records that fetch returns after
+          that may have been read from the old positions: delivered, they were taken for records
+          after the seek. Seen on Apache Kafka with two workers starting together on a full topic:
+          the survivor of the first rebalance was handed records 4,046 onwards of a partition just
+          rewound to 0, scored them, then dropped 0 to 4,045 as already read; its commits went past
+          them (or stuck below them), and ``/healthz`` said ok with a quarter of the topic never
+          scored. Which records of such a fetch came before the seek is not known, so none of the
+          stream's are delivered: the seek is made again (they are fetched again from the committed
+          offsets, at-least-once as on any rebalance). A table's changelog records go on as fetched:
+          the recovery positions those itself.
         """
-        epoch = self.seek_epoch
-        records, active = await super()._wait_next_records(timeout)
+        task = self._fetch_in_flight
+        if task is None:
+            epoch = self.seek_epoch
+            task = asyncio.ensure_future(super()._wait_next_records(timeout))
+            task.add_done_callback(_retrieve)
+            self._fetch_in_flight, self._fetch_epoch = task, epoch
+        else:
+            epoch = self._fetch_epoch
+        try:
+            records, active = await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._fetch_in_flight = None
+            elif self.should_stop:
+                task.cancel()
+                self._fetch_in_flight = None
         if not records or self.seek_epoch == epoch:
             return records, active
         changelog = self._is_changelog_tp
         kept = {tp: batch for tp, batch in records.items() if changelog(tp)}
         if len(kept) < len(records):
             self.log.info("a fetch spanned a seek to the committed offsets: its records are fetched again")
-            if self.flow_active:  # else the rebalance under way seeks before anything is delivered
-                try:
-                    await self._seek_committed()
-                except Exception as exc:  # a partition moved away meanwhile: the next assignment seeks
-                    self.log.warning("exception seeking again after a fetch spanned a seek %r", exc)
+            try:
+                await self._seek_committed()
+            except Exception as exc:  # a partition moved away meanwhile: the next assignment seeks
+                self.log.warning("exception seeking again after a fetch spanned a seek %r", exc)
         return kept, active
 
     async def seek_to_committed(self):
@@ -215,6 +256,12 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
         async with scoring:
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """A fetch nobody awaited any more (the consumer stopped): its error, if any, is not news."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _seek_to_beginning(consumer, tps: list) -> None:

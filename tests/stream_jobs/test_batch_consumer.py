@@ -182,3 +182,36 @@ def test_a_fetch_that_spanned_a_seek_is_not_delivered_and_the_seek_is_made_again
         assert records == {changelog: ["a list model"]} and len(seeks) == 1
 
     asyncio.run(main())
+
+
+def test_a_fetch_whose_wait_was_cancelled_is_handed_to_the_next_call():
+    """A rebalance beginning cancels the drain's wait, not the fetch in the consumer's thread, which advances
+    aiokafka's positions when it returns: its records go to the next call instead of nowhere."""
+    async def main():
+        from faust.types import TP
+
+        app, _ = _app()
+        consumer, _, _ = await _consumer(app)
+        tp = TP("mail.events", 0)
+        consumer._active_partitions = {tp}
+        consumer.flow_active = True
+        fetched = {tp: ["records 0 to 48"]}
+        release, calls = asyncio.Event(), []
+
+        async def getmany(active_partitions, timeout):
+            calls.append(timeout)
+            await release.wait()  # the broker answers after the wait was given up
+            return dict(fetched)
+
+        consumer._getmany = getmany
+        waiting = asyncio.ensure_future(consumer._wait_next_records(1.0))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        records, _ = await consumer._wait_next_records(1.0)
+        assert records == fetched and len(calls) == 1
+
+    asyncio.run(main())

@@ -144,9 +144,6 @@ def test_worker_refuses_exactly_once_on_a_broker_without_transactions(tmp_path):
     print(f"refused in {took:.1f} s")
 
 
-@pytest.mark.xfail(strict=False, reason="two exactly-once workers: a loss in Faust's recovery is fixed "
-                   "(TrueEndConsumer.perform_seek), but 1 of 4 runs after the fix still failed, cause not read "
-                   "(README Limits). When it runs through, every assertion holds")
 def test_two_workers_one_killed_mid_storm_survivor_freezes_each_decision_once(kafka, start_worker, tmp_path):
     """Failover under exactly-once: kill -9 the worker that holds the storm's list, with its transaction open;
     the survivor takes its partitions over (its transactional producers fence the dead one's), adopts the
