@@ -162,10 +162,8 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
         one had made that window more frequent). The next check, a few seconds on, looks again.
         """
         try:
-            from aiokafka.structs import TopicPartition
-
             assignment = self._thread._ensure_consumer()._fetcher._subscriptions.subscription.assignment
-            state = assignment.state_value(TopicPartition(tp.topic, tp.partition)) if assignment else None
+            state = assignment.state_value(_faust_aiokafka.ensure_aiokafka_TP(tp)) if assignment else None
         except Exception:  # no consumer or no assignment yet: Faust's own check copes with that
             state = None
         if state is not None and not state.has_valid_position:
