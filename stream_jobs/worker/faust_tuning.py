@@ -491,6 +491,8 @@ class BatchConsumer(BatchDrainConsumer):
     """
 
     _in_flight: Optional[asyncio.Future] = None
+    #: the chunk of :attr:`_in_flight`, until it is acked (by :meth:`_handle` or a revocation)
+    _in_flight_chunk: Optional[list] = None
     _handler_failed: Optional[BaseException] = None
 
     async def _drain_messages(self, fetcher: Service) -> None:  # pragma: no cover - runs in the worker
@@ -602,17 +604,22 @@ class BatchConsumer(BatchDrainConsumer):
     async def _handle(self, handler: BatchHandler, chunk: list) -> None:
         # Shielded: a stop cancels the fetcher, not a chunk half scored (wait_empty waits for it).
         task = self._in_flight = asyncio.ensure_future(handler.handle(chunk))
+        self._in_flight_chunk = chunk
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._handler_failed = exc
+            self._in_flight_chunk = None
             self.log.error("batch agent %s raised %r: its records are no longer delivered", handler.name, exc)
             return
         finally:
             if task.done():
                 self._in_flight = None
+        if self._in_flight_chunk is not chunk:
+            return  # acked by a revocation that waited for it (on_partitions_revoked)
+        self._in_flight_chunk = None
         self._ack_chunk(chunk)
         if self._commit_every is not None and self._n_acked >= self._commit_every:
             self._n_acked = 0
@@ -654,14 +661,48 @@ class BatchConsumer(BatchDrainConsumer):
             self._n_acked += len(offs)
         notify(self._waiting_for_ack)
 
+    async def on_partitions_revoked(self, revoked: set) -> None:
+        """Faust's, after what was scored here is committed (at-least-once).
+
+        Faust forgets a revoked partition's acks first, and then commits nothing of it: every record
+        scored since the last commit was read again by the partition's next owner, and an eager
+        rebalance revokes every partition, this worker's own included. The detector ignores a list post
+        it has counted, but a re-read one older than its list's model by more than
+        ``STORMGUARD_MAX_LATENESS`` was dead-lettered as late: hundreds of copies a rebalance. So the
+        chunk being scored is finished and acked, and the acks are committed, while the group still
+        accepts this member's commits, as Kafka's own consumers do in their revocation callback. Under
+        exactly-once the revoked partitions' transaction decides, as in Faust. A commit that fails is a
+        warning: the next owner re-reads from the last commit, as before.
+        """
+        if revoked and not self.in_transaction and not self.app.should_stop:
+            # Faust stops the flow only after this: meanwhile the drain went on scoring (a whole backlog,
+            # seen on Apache Kafka), and every record of it was read again by the next owners.
+            self.stop_flow()
+            await self._finish_in_flight()
+            try:
+                await self.maybe_wait_for_commit_to_finish()  # a commit under way has not got the last acks
+                await self.commit()
+            except Exception as exc:
+                self.log.warning("commit before a revocation failed (%r): the partitions' next owner "
+                                 "re-reads the records scored since the last commit", exc)
+        await super().on_partitions_revoked(revoked)
+
+    async def _finish_in_flight(self) -> None:
+        """Wait for the chunk being scored, and ack it if it was scored (its :meth:`_handle` may resume later)."""
+        task, chunk = self._in_flight, self._in_flight_chunk
+        if task is None or chunk is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except Exception:  # reported by _handle
+            return
+        if self._in_flight_chunk is chunk:
+            self._in_flight_chunk = None
+            self._ack_chunk(chunk)
+
     async def wait_empty(self) -> None:
         """Faust's, after the chunk in a batch handler (if any) is finished and acked."""
-        task = self._in_flight
-        if task is not None and not task.done():
-            try:
-                await asyncio.shield(task)
-            except Exception:  # reported by _handle
-                pass
+        await self._finish_in_flight()
         await super().wait_empty()
 
 

@@ -145,6 +145,37 @@ def test_a_chunk_acked_again_after_a_rebalance_keeps_the_commits_moving():
     asyncio.run(main())
 
 
+def test_a_revocation_waits_for_the_chunk_being_scored_and_acks_it():
+    """A revocation commits before Faust forgets the revoked partitions' acks, so it first waits for the
+    chunk in the handler and acks it, even when the chunk's own delivery was cancelled (the fetcher is,
+    on a stop) and will never ack it."""
+    async def main():
+        app = StormguardApp("test-batch-revoke", broker="kafka://127.0.0.1:1", store="memory://",
+                            web_enabled=False)
+        topic = app.topic("mail.events", partitions=2)
+        gate = asyncio.Event()
+
+        @app.batch_agent(topic, name="score", max_records=3)
+        async def score(records: list) -> None:
+            await gate.wait()
+
+        consumer, tp, handler = await _consumer(app)
+        delivery = asyncio.ensure_future(consumer._handle(handler, _records(tp, [0, 1, 2])))
+        await asyncio.sleep(0)
+        delivery.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await delivery
+        revocation = asyncio.ensure_future(consumer._finish_in_flight())
+        await asyncio.sleep(0)
+        assert not revocation.done() and not consumer._acked[tp]  # still being scored
+        gate.set()
+        await revocation
+        assert list(consumer._acked[tp]) == [0, 1, 2] and consumer._n_acked == 3
+        assert consumer._new_offset(tp) == 3
+
+    asyncio.run(main())
+
+
 def test_a_fetch_that_spanned_a_seek_is_not_delivered_and_the_seek_is_made_again():
     """The recovery seeks back to the committed offsets while a fetch is awaited: what that fetch returns
     may come from the old positions, so the stream's records are dropped (fetched again after a second
