@@ -42,6 +42,7 @@ import faust
 from faust.exceptions import ProducerSendError
 from faust.streams import current_event
 from faust.transport.consumer import CONSUMER_FETCHING, TransactionManager
+from aiokafka.consumer.fetcher import PartitionRecords
 from faust.transport.drivers import aiokafka as _faust_aiokafka
 from mode import Service
 from mode.utils.futures import notify
@@ -53,6 +54,30 @@ COMMIT_EVERY = 100_000
 
 _original = _faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
 _fetch_max_wait_ms: int | None = None
+_consumer_record = PartitionRecords._consumer_record
+#: Topics whose records aiokafka hands over as its own record objects, set by :func:`read_raw_records`.
+_raw_topics: frozenset = frozenset()
+
+
+def _lean_consumer_record(self, tp, record):
+    """aiokafka's ``PartitionRecords._consumer_record``, which returns the batch's record itself for the topics
+    of :func:`read_raw_records`: it has ``offset``, ``timestamp`` (ms), ``key``, ``value`` and ``headers``,
+    which is all :class:`BatchConsumer` reads, and the ``ConsumerRecord`` of eleven fields built from it was
+    1.3 µs of the consumer thread's time per record (measured, aiokafka 0.12, a 1,000-record batch)."""
+    if tp.topic in _raw_topics and self._key_deserializer is None and self._value_deserializer is None:
+        return record
+    return _consumer_record(self, tp, record)
+
+
+def read_raw_records(topics) -> None:
+    """Have this process's aiokafka consumers skip the ``ConsumerRecord`` of ``topics``' records.
+
+    Only :class:`BatchConsumer` may read such topics (it takes a record's topic and partition from
+    its ``tp``); Faust's own delivery needs ``ConsumerRecord``, and every other topic still gets one.
+    """
+    global _raw_topics
+    _raw_topics = frozenset(topics)
+    PartitionRecords._consumer_record = _lean_consumer_record
 
 
 def _create_worker_consumer(self, transport):
@@ -497,6 +522,7 @@ class BatchConsumer(BatchDrainConsumer):
 
     async def _drain_messages(self, fetcher: Service) -> None:  # pragma: no cover - runs in the worker
         handlers: dict[str, BatchHandler] = getattr(self.app, "batch_handlers", {})
+        read_raw_records(handlers)
         consumer_should_stop = cast(Service, self)._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
@@ -578,7 +604,7 @@ class BatchConsumer(BatchDrainConsumer):
             batch = pending.get(handler)
             if batch is None:
                 batch = pending[handler] = []
-            batch.append(RecordEvent(record.topic, record.partition, offset, None if ts is None else ts / 1000.0,
+            batch.append(RecordEvent(tp.topic, tp.partition, offset, None if ts is None else ts / 1000.0,
                                      record.key, record.value, record.headers, tp, decoded))
         if others:
             await self.wait_first(self._deliver(self._as_messages(others)), self.suspend_flow.wait())

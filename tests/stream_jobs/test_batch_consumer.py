@@ -92,6 +92,55 @@ def test_a_fetch_reaches_the_handler_in_chunks_in_the_schedulers_order():
     asyncio.run(main())
 
 
+def test_batch_topics_are_read_as_aiokafkas_own_records_and_reach_the_handler_whole():
+    """No ``ConsumerRecord`` for the batch topics (read_raw_records): aiokafka's record of a real record
+    batch goes to the handler with its partition, offset, time, key, value and headers; other topics,
+    which Faust delivers itself, still get a ``ConsumerRecord``."""
+    from aiokafka.consumer.fetcher import PartitionRecords
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.record.memory_records import MemoryRecords
+    from aiokafka.structs import ConsumerRecord, TopicPartition
+
+    from stream_jobs.worker import faust_tuning
+
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0, producer_id=-1,
+                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    for offset in range(3):
+        builder.append(offset, timestamp=1479112200000 + offset, key=b"k%d" % offset,
+                       value=b'{"timestamp": %d}' % offset, headers=[("trace", b"t%d" % offset)])
+    batch = bytes(builder.build())
+
+    def fetched(topic: str, partition: int) -> list:
+        return list(PartitionRecords(TopicPartition(topic, partition), MemoryRecords(batch), [], 0, None, None,
+                                     False, 0))
+
+    async def main():
+        app, handled = _app()
+        consumer, tp, handler = await _consumer(app)
+        consumer.flow_active = True
+        got: list = []
+
+        async def keep(records: list) -> None:
+            got.extend(records)
+
+        app.batch_handlers["mail.events"] = handler._replace(handle=keep)
+        try:
+            faust_tuning.read_raw_records(["mail.events"])
+            raw, other = fetched("mail.events", 0), fetched("stormguard.commands", 0)
+        finally:
+            faust_tuning.read_raw_records([])
+        assert not any(isinstance(r, ConsumerRecord) for r in raw)
+        assert all(isinstance(r, ConsumerRecord) for r in other)
+        assert isinstance(fetched("mail.events", 0)[0], ConsumerRecord)  # once the worker no longer asks
+        await consumer._deliver_fetch({TopicPartition("mail.events", 0): raw}, None, app.batch_handlers)
+        assert [(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, list(r.headers)) for r in got] == [
+            ("mail.events", 0, o, 1479112200.0 + o / 1000, b"k%d" % o, b'{"timestamp": %d}' % o,
+             [("trace", b"t%d" % o)]) for o in range(3)]
+        assert consumer._new_offset(tp) == 3
+
+    asyncio.run(main())
+
+
 def test_a_batch_agent_needs_the_workers_consumer():
     app = StormguardApp("test-batch-stock", broker="kafka://127.0.0.1:1", fast_drain=False)
     with pytest.raises(ValueError, match="fast_drain"):
