@@ -5,7 +5,8 @@ shared machine a single phase moves by ±30%, so one figure beside a figure from
 little. This harness fills one broker once (default: 100,000 bench events of ~200 B on 8 partitions,
 keyed by sender, so every list post also takes the by-list hop), then runs each variant in turn,
 round after round, every variant started fresh and timed from its first record as ``make bench``
-times it (:meth:`~stream_jobs.bench.phases.Bench.drain`). Variants:
+times it (:meth:`~stream_jobs.bench.phases.Bench.drain`), in the order given in odd rounds and reversed in
+even ones. Variants:
 
 * ``bare``: aiokafka ``getmany`` + ``msgspec.json.decode`` in this process (the ceiling);
 * ``noop-stock``: the no-op Faust agent on stock Faust (``STORMGUARD_FAST_DRAIN=false``);
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> dict:
         results["by_list_shares"] = shares
         for r in range(args.rounds):
             rnd: dict = {"load_before": list(os.getloadavg())}
-            for v in variants:
+            # reversed every other round: a variant always in the same slot carries that slot's bias
+            for v in (variants if r % 2 == 0 else variants[::-1]):
                 rest, _, env_name = v.partition("~")
                 base, _, label = rest.partition("@")
                 extra = dict(code_env.get(label, {}), **envs.get(env_name, {}))

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import msgspec
 from tqdm import tqdm
@@ -121,6 +121,19 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(math.floor(pos))
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def variant_turns(specs: list, rounds: int) -> Iterator[tuple[int, str, Any]]:
+    """``(round, name, settings)`` of each variant in each round: the first round in the order given, then
+    reversed every other round, so that no variant always runs first (a run straight after a fill was
+    seen slower than its rivals, whatever it was).
+
+    >>> [(r, name) for r, name, _ in variant_turns([("as given", {}), ("b", {}), ("c", {})], 3)]
+    [(0, 'as given'), (0, 'b'), (0, 'c'), (1, 'c'), (1, 'b'), (1, 'as given'), (2, 'as given'), (2, 'b'), (2, 'c')]
+    """
+    for rnd in range(rounds):
+        for name, env in (specs if rnd % 2 == 0 else specs[::-1]):
+            yield rnd, name, env
 
 
 class Bench:
@@ -712,16 +725,15 @@ class Bench:
                 name, _, settings = spec.partition(":")
                 specs.append((name, dict(self.latency_env(), **dict(
                     item.strip().split("=", 1) for item in settings.split(",") if item.strip()))))
-            for rnd in range(rounds):
-                for i, (name, env) in enumerate(specs):
-                    if records:
-                        say(f"bench: throughput of {name!r} ({env}), round {rnd + 1} of {rounds}")
-                        results.setdefault("throughput_variants", {}).setdefault(name, []).append(
-                            self.variant_throughput(records, env))
-                    if rnd == 0 and i == 0:
-                        continue  # the latency phases above
-                    say(f"bench: latency of {name!r} ({env}), round {rnd + 1} of {rounds}")
-                    results["latency_variants"].setdefault(name, []).append(self.latency_run(None, history, env))
+            for rnd, name, env in variant_turns(specs, rounds):
+                if records:
+                    say(f"bench: throughput of {name!r} ({env}), round {rnd + 1} of {rounds}")
+                    results.setdefault("throughput_variants", {}).setdefault(name, []).append(
+                        self.variant_throughput(records, env))
+                if rnd == 0 and name == specs[0][0]:
+                    continue  # the latency phases above
+                say(f"bench: latency of {name!r} ({env}), round {rnd + 1} of {rounds}")
+                results["latency_variants"].setdefault(name, []).append(self.latency_run(None, history, env))
 
     def variant_throughput(self, records: list[bytes], env: dict) -> dict:
         """The worker with ``env`` (``tree``: another checkout's) catching up ``records`` on a fresh broker."""
