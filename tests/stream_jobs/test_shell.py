@@ -153,3 +153,28 @@ def test_event_order_merges_partitions_and_waits_for_one_that_is_behind():
     assert (0, ev(50)) in rest and s.held == 0 and s.released_early >= 1
     behind.clear()
     assert got({a: [Rec(3, ev(60))]}) == [(0, ev(60))]  # caught up: nothing waits
+
+
+def test_whole_backlog_partitions_in_one_fetch_wait_for_a_partition_that_has_given_nothing():
+    """Tansu answers a fetch of a backlog partition with far more than the 1 MiB asked for (22,000 records
+    of mail.events seen), so seven partitions' first fetches can bring 150,000 records before the eighth
+    brings any: they are held, not let through out of order (at 50,000 held, hundreds of records were
+    then dead-lettered as late)."""
+    from collections import namedtuple
+
+    from stream_jobs.worker.event_order import EventTimeScheduler
+
+    TP, Rec = namedtuple("TP", "topic partition"), namedtuple("Rec", "offset value")
+    tps = [TP("mail.events", p) for p in range(8)]
+    late = tps[7]
+    s = EventTimeScheduler(ordered_topics={"mail.events"}, clock=lambda: 0.0)
+    s.assigned = lambda: tps
+    s.has_backlog = lambda tp: True
+    per_partition = 21_500
+    # partition p holds events p, p + 8, p + 16, ...: one stream, spread as a sender-keyed backlog is
+    fetch = {tp: [Rec(o, b'{"timestamp": %d}' % (o * 8 + tp.partition)) for o in range(per_partition)]
+             for tp in tps[:7]}
+    assert list(s.iterate(fetch)) == [] and s.held == 7 * per_partition and s.released_early == 0
+    released = [json.loads(r.value)["timestamp"] for _, r in s.iterate(
+        {late: [Rec(o, b'{"timestamp": %d}' % (o * 8 + 7)) for o in range(per_partition)]})]
+    assert released[:16] == list(range(16)) and released == sorted(released) and s.released_early == 0
