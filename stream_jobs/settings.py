@@ -335,7 +335,8 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "(the broker has more of it, or no fetch of it has been answered yet) before newer events from the other "
      "partitions are scored anyway (the wait starts again each time the merge moves on); the worker "
      "scores a list's events oldest first across partitions (`stream_jobs/worker/event_order.py`), and caught-up "
-     "partitions never hold anything back"),
+     "partitions never hold anything back. Meanwhile it holds up to 200,000 records (about 200 MB) before "
+     "the oldest go through anyway"),
     ("STORMGUARD_LATENCY_TRACE", "false", "`true`: one `latency-trace {json}` log line per freeze, with the "
      "wall-clock times its record was fetched, let through by the event-time order, scored and its writes "
      "buffered (`stream_jobs/worker/latency_trace.py`); `make bench` turns it on in its latency phase to "
