@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
                 extra = dict(code_env.get(label, {}), **envs.get(env_name, {}))
                 say(f"bench-ab: round {r + 1}/{args.rounds}, {v}")
                 if base == "bare":
-                    out = bench.bare_aiokafka(broker, n)
+                    out = bench.bare_aiokafka(broker, n, passes=1)  # the rounds repeat it
                 elif base.startswith("noop"):
                     # the no-op agent reads mail.events only: no by-list shares to count
                     extra.setdefault("STORMGUARD_FAST_DRAIN", "false" if base == "noop-stock" else "true")

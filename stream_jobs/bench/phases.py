@@ -221,8 +221,17 @@ class Bench:
         seconds = time.perf_counter() - started
         return {"events": len(records), "seconds": seconds, "events_per_s": len(records) / seconds}
 
-    def bare_aiokafka(self, broker: EmbeddedBroker, total: int) -> dict:
-        return asyncio.run(self._bare(broker, total))
+    def bare_aiokafka(self, broker: EmbeddedBroker, total: int, passes: int = 3) -> dict:
+        """Bare aiokafka reading and decoding every record, ``passes`` times; the median pass is reported.
+
+        One pass over 100,000 records lasts well under a second, so one pass alone swung the worker's
+        ratio to it by up to 40% between runs; every pass is kept beside the median.
+        """
+        runs = [asyncio.run(self._bare(broker, total)) for _ in range(passes)]
+        median = sorted(runs, key=lambda r: r["events_per_s"])[len(runs) // 2]
+        return dict(median, passes=len(runs), of_passes="median events/s of the passes",
+                    passes_events_per_s=[r["events_per_s"] for r in runs],
+                    passes_events_per_cpu_s=[r["events_per_cpu_s"] for r in runs])
 
     async def _bare(self, broker: EmbeddedBroker, total: int) -> dict:
         from aiokafka import AIOKafkaConsumer, TopicPartition

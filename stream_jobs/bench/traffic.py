@@ -42,7 +42,7 @@ def realistic_events(n: int, seed: int = 2016, end_time: Optional[float] = None,
     discussion lists where several people post and reply), ~3% are reply-alls to lists
     (lively on discussion lists, a stray "thanks" on bulletins); ``storms`` reply-all
     storms on big lists (about one per 30,000 events unless given) add bursts of
-    100-300 reply-alls. Deterministic per ``seed``.
+    100-300 reply-alls. Deterministic per ``seed`` and ``end_time``, in any process.
     """
     rng = random.Random(seed)
     end = time.time() if end_time is None else end_time
@@ -108,7 +108,8 @@ def realistic_events(n: int, seed: int = 2016, end_time: Optional[float] = None,
         else:  # direct mail
             sender = person()
             k = min(int(rng.paretovariate(1.6)), 120)
-            recipients = list({person() for _ in range(k)}) or [person()]
+            # dict, not set: a set's order of strings changes with each process's hash seed
+            recipients = list(dict.fromkeys(person() for _ in range(k))) or [person()]
             ev.update(sender=sender, recipients=recipients)
             if recent_direct and rng.random() < 0.33:
                 parent, subject = rng.choice(recent_direct)

@@ -150,6 +150,20 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
     _fetch_in_flight: Optional[asyncio.Future] = None
     _fetch_epoch: int = 0
 
+    async def _getmany(self, active_partitions, timeout: float):
+        """Faust's, without the partitions the scheduler holds enough of (its ``full()``, if it has one):
+        their records stay in aiokafka's buffer, and aiokafka fetches no more of them meanwhile. Every
+        consumption path (batch, exactly-once, stock Faust) merges by event time, so each has the cap:
+        without it the merge relies on ``max_held`` alone and lets records through out of order past it."""
+        full = getattr(self.scheduler, "full", None)
+        if full is not None and active_partitions:
+            held = full()
+            if held:
+                active_partitions = set(active_partitions) - held
+                if not active_partitions:  # every partition held: let the merge move first
+                    return {}
+        return await super()._getmany(active_partitions, timeout)
+
     async def highwaters(self, *partitions):  # pragma: no cover - runs in the worker
         ends = dict(await super().highwaters(*partitions))
         from stream_jobs.kafka.replay import kafka_security
@@ -553,18 +567,6 @@ class BatchConsumer(BatchDrainConsumer):
             raise
         finally:
             unset_flag(CONSUMER_FETCHING)
-
-    async def _getmany(self, active_partitions, timeout: float):  # pragma: no cover - runs in the worker
-        """Faust's, without the partitions the scheduler holds enough of (its ``full()``, if it has one):
-        their records stay in aiokafka's buffer, and aiokafka fetches no more of them meanwhile."""
-        full = getattr(self.scheduler, "full", None)
-        if full is not None and active_partitions:
-            held = full()
-            if held:
-                active_partitions = set(active_partitions) - held
-                if not active_partitions:  # every partition held: let the merge move first
-                    return {}
-        return await super()._getmany(active_partitions, timeout)
 
     async def _seek_back(self) -> None:
         """As Faust's getmany when a fetch returns after the flow stopped: re-read from the committed offsets.

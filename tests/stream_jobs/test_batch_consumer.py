@@ -295,3 +295,48 @@ def test_a_fetch_whose_wait_was_cancelled_is_handed_to_the_next_call():
         assert records == fetched and len(calls) == 1
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["batch", "exactly_once", "stock"])
+def test_no_path_fetches_a_partition_the_event_time_merge_holds_enough_of(mode):
+    """Tansu answers one fetch of a backlog partition with up to 22,000 records; a partition whose merge queue is
+    full is left out of the next fetch on every path (batch, exactly-once, stock Faust), so the merge is not pushed
+    past ``max_held`` into releasing records out of order. With every partition full the merge moves first."""
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from stream_jobs.worker.event_order import EventTimeScheduler
+
+    tp0, tp1 = TP("mail.events", 0), TP("mail.events", 1)
+
+    class Merge(EventTimeScheduler):
+        ordered_topics = frozenset({"mail.events"})
+        max_held_per_partition = 2
+        has_backlog = staticmethod(lambda tp: True)  # partition 1 has given nothing yet: 0 waits for it
+        assigned = staticmethod(lambda: [tp0, tp1])
+
+    async def main():
+        app = StormguardApp(f"test-cap-{mode}", broker="kafka://127.0.0.1:1", store="memory://", web_enabled=False,
+                            ConsumerScheduler=Merge, fast_drain=mode != "stock",
+                            processing_guarantee="exactly_once" if mode == "exactly_once" else "at_least_once")
+        consumer = app.consumer
+        assert type(consumer).__name__ == {"batch": "BatchConsumer", "exactly_once": "BatchDrainConsumer",
+                                           "stock": "TrueEndConsumer"}[mode]
+        asked: list = []
+
+        async def getmany(active_partitions, timeout):  # what Faust's consumer thread is asked for
+            asked.append(set(active_partitions))
+            return {}
+
+        consumer._thread = SimpleNamespace(getmany=getmany)
+        await consumer._getmany({tp0, tp1}, 0.1)
+        Rec = namedtuple("Rec", "offset value")
+        held = list(consumer.scheduler.iterate({tp0: [Rec(i, b'{"timestamp": %d}' % i) for i in range(3)]}))
+        assert held == []  # waiting for partition 1
+        await consumer._getmany({tp0, tp1}, 0.1)
+        assert await consumer._getmany({tp0}, 0.1) == {}  # every partition asked for is full: nothing fetched
+        assert asked == [{tp0, tp1}, {tp1}]
+
+    asyncio.run(main())
