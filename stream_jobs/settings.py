@@ -111,7 +111,7 @@ class WorkerSettings:
     fast_drain: bool = True
     model_save_ms: int = 500
     gc_freeze_s: float = 5.0
-    gc_catch_up_threshold: int = 50_000
+    gc_catch_up_threshold: int = 2_000_000
     order_wait_ms: int = 2000
     latency_trace: bool = False
     enforce: bool = True
@@ -316,11 +316,13 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "permanent GC generation (`gc.freeze`), so full collections scan only newer objects: with a day of "
      "learned state they took 50-180 ms and set the tail latency. Once an hour everything is unfrozen and "
      "collected (one such pause an hour). 0: Python's default collector"),
-    ("STORMGUARD_GC_CATCH_UP_THRESHOLD", "50000", "while the worker catches up a backlog (its batch's newest record "
-     "more than a second old), Python's collector runs a young-generation pass every this many container "
+    ("STORMGUARD_GC_CATCH_UP_THRESHOLD", "2000000", "while the worker catches up a backlog (its batch's newest "
+     "record more than a second old), Python's collector runs a young-generation pass every this many container "
      "allocations instead of every 700: the collector took a quarter of the worker's CPU catching up, and nobody "
-     "waits on a backlog's records. Live again, Python's thresholds come back (a pass of 50,000 objects takes "
-     "~25 ms, which produce -> freeze must not wait for). 0: Python's thresholds always"),
+     "waits on a backlog's records. The default is above what the event-time merge holds (200,000 records) plus "
+     "what gathers between two `STORMGUARD_GC_FREEZE_S` freezes: the bench's catch-ups made none; if one comes it may "
+     "take up to a second (~25 ms per 50,000 objects). Live again, Python's thresholds come back. 0: Python's "
+     "thresholds always"),
     ("STORMGUARD_ENFORCE", "true", "`false` is shadow mode, for a roll-out: every decision is made and "
      "published on `stormguard.actions` with `\"enforced\": false`, but no list is held: "
      "`stormguard.list-state` and `/api/lists` never show one frozen by Stormguard, Mailman, the HTTP sink "

@@ -6,10 +6,14 @@ decoded event, its recipient list, the record, the outcome) and keeps the model 
 meets: at 20,000 records a second that is ~150 passes a second, and each promotes the state just
 learned into the older generations, which the full passes then scan again. Measured on the bench's
 100,000 sender-keyed events (``docs/performance.md``): 1.7 s of the worker's 6.2 CPU-seconds went
-to the collector, 0.4 s with a threshold of 50,000.
+to the collector, 0.4 s with a threshold of 50,000. Since then the event-time merge holds up to
+200,000 fetched records, young objects that each 50,000-pass walked again: 0.84 s of collections
+in a catch-up of 330,000 records at 50,000, 0.40 s at 2,000,000 (the default), where the catch-up
+made no young pass at all (the worker's ``gc.freeze`` every ``STORMGUARD_GC_FREEZE_S`` also resets
+the young count, so only what gathers between two freezes counts).
 
-A bigger threshold makes each young pass longer (~25 ms at 50,000 objects here), which live traffic
-must not wait for: produce -> freeze is tens of milliseconds. So the threshold is raised only while
+A bigger threshold makes each young pass longer (~25 ms per 50,000 objects here, so up to a second
+at the default, if one comes), which live traffic must not wait for: produce -> freeze is tens of milliseconds. So the threshold is raised only while
 the worker catches up (its batch's newest record more than a second old: nobody is waiting on
 those records) and put back as soon as it is live again. At that moment up to a threshold's worth
 of young objects is waiting: rather than the first live record paying for a pass over them, they

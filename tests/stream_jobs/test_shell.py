@@ -40,7 +40,7 @@ def test_consumer_tuning_settings():
     assert WorkerSettings.from_env({}).fast_drain is True
     assert WorkerSettings.from_env({"STORMGUARD_FAST_DRAIN": "off"}).fast_drain is False
     assert WorkerSettings.from_env({"STORMGUARD_MODEL_SAVE_MS": "0"}).model_save_ms == 0
-    assert WorkerSettings.from_env({}).gc_catch_up_threshold == 50_000
+    assert WorkerSettings.from_env({}).gc_catch_up_threshold == 2_000_000
     assert WorkerSettings.from_env({"STORMGUARD_GC_CATCH_UP_THRESHOLD": "0"}).gc_catch_up_threshold == 0
 
 
