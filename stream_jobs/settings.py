@@ -320,7 +320,7 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "record more than a second old), Python's collector runs a young-generation pass every this many container "
      "allocations instead of every 700: the collector took a quarter of the worker's CPU catching up, and nobody "
      "waits on a backlog's records. The default is above what the event-time merge holds (200,000 records) plus "
-     "what gathers between two `STORMGUARD_GC_FREEZE_S` freezes: the bench's catch-ups made none; if one comes it may "
+     "what gathers between two `STORMGUARD_GC_FREEZE_S` freezes: the bench's catch-up made next to none; one may "
      "take up to a second (~25 ms per 50,000 objects). Live again, Python's thresholds come back. 0: Python's "
      "thresholds always"),
     ("STORMGUARD_ENFORCE", "true", "`false` is shadow mode, for a roll-out: every decision is made and "

@@ -8,17 +8,18 @@ learned into the older generations, which the full passes then scan again. Measu
 100,000 sender-keyed events (``docs/performance.md``): 1.7 s of the worker's 6.2 CPU-seconds went
 to the collector, 0.4 s with a threshold of 50,000. Since then the event-time merge holds up to
 200,000 fetched records, young objects that each 50,000-pass walked again: 0.84 s of collections
-in a catch-up of 330,000 records at 50,000, 0.40 s at 2,000,000 (the default), where the catch-up
-made no young pass at all (the worker's ``gc.freeze`` every ``STORMGUARD_GC_FREEZE_S`` also resets
+in a catch-up of 330,000 records at 50,000, 0.40 s at 2,000,000 (the default), where young passes took 0.06 s
+in all, start-up's included (the worker's ``gc.freeze`` every ``STORMGUARD_GC_FREEZE_S`` also resets
 the young count, so only what gathers between two freezes counts).
 
 A bigger threshold makes each young pass longer (~25 ms per 50,000 objects here, so up to a second
-at the default, if one comes), which live traffic must not wait for: produce -> freeze is tens of milliseconds. So the threshold is raised only while
-the worker catches up (its batch's newest record more than a second old: nobody is waiting on
-those records) and put back as soon as it is live again. At that moment up to a threshold's worth
-of young objects is waiting: rather than the first live record paying for a pass over them, they
-are frozen (``gc.freeze``, which moves them to the permanent generation without scanning them),
-as the worker's freeze timer does every ``STORMGUARD_GC_FREEZE_S`` anyway.
+at the default, if one comes), which live traffic must not wait for: produce -> freeze is tens of
+milliseconds. So the threshold is raised only while the worker catches up (its batch's newest record
+more than a second old: nobody is waiting on those records) and put back as soon as it is live
+again. At that moment up to a threshold's worth of young objects is waiting: rather than the first
+live record paying for a pass over them, they are frozen (``gc.freeze``, which moves them to the
+permanent generation without scanning them), as the worker's freeze timer does every
+``STORMGUARD_GC_FREEZE_S`` anyway.
 
 >>> import gc
 >>> before = gc.get_threshold()
