@@ -1,16 +1,16 @@
 """Python's cyclic garbage collector, paced for what the worker is doing.
 
-The collector runs a young-generation pass every 700 net allocations of container objects
-(Python's default). A worker catching up a backlog allocates a few such objects per record (the
-decoded event, its recipient list, the record, the outcome) and keeps the model of every sender it
-meets: at 20,000 records a second that is ~150 passes a second, and each promotes the state just
-learned into the older generations, which the full passes then scan again. Measured on the bench's
-100,000 sender-keyed events (``docs/performance.md``): 1.7 s of the worker's 6.2 CPU-seconds went
-to the collector, 0.4 s with a threshold of 50,000. Since then the event-time merge holds up to
-200,000 fetched records, young objects that each 50,000-pass walked again: 0.84 s of collections
-in a catch-up of 330,000 records at 50,000, 0.40 s at 2,000,000 (the default), where young passes took 0.06 s
-in all, start-up's included (the worker's ``gc.freeze`` every ``STORMGUARD_GC_FREEZE_S`` also resets
-the young count, so only what gathers between two freezes counts).
+The collector runs a young-generation pass every 700 net allocations of container objects (Python's
+default). A worker catching up a backlog allocates a few such objects per record (the decoded event,
+its recipient list, the record, the outcome) and keeps the model of every sender it meets: at 20,000
+records a second that is ~150 passes a second, and each promotes the state just learned into the
+older generations, which the full passes then scan again. Measured on the bench's 100,000
+sender-keyed events (``docs/performance.md``): 1.7 s of the worker's 6.2 CPU-seconds went to the
+collector, 0.4 s with a threshold of 50,000. Since then the event-time merge holds up to 200,000
+fetched records, young objects that each 50,000-pass walked again: 0.84 s of collections in a
+catch-up of 330,000 records at 50,000, 0.40 s at 2,000,000 (the default), where young passes took
+0.06 s in all, start-up's included (the worker's ``gc.freeze`` every ``STORMGUARD_GC_FREEZE_S`` also
+resets the young count, so only what gathers between two freezes counts).
 
 A bigger threshold makes each young pass longer (~25 ms per 50,000 objects here, so up to a second
 at the default, if one comes), which live traffic must not wait for: produce -> freeze is tens of
