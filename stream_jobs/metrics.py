@@ -109,14 +109,18 @@ class RecordHistogram(Collector):
 
     def observe_many(self, values: list) -> None:
         """:meth:`observe` each of ``values`` (a batch's, in any order): one sort and a bisect per bucket.
+        A value below zero (an age, with two clocks a little apart) is observed as zero.
 
         >>> h = RecordHistogram("demo_many", "Demo", (0.1, 1.0))
-        >>> h.observe_many([7.0, 0.1, 0.5, 0.05]); h.counts, h.sum
-        ([2, 1, 1], 7.65)
+        >>> h.observe_many([7.0, 0.1, 0.5, 0.05, -0.25]); h.counts, h.sum
+        ([3, 1, 1], 7.65)
         """
         if not values:
             return
         values = sorted(values)
+        if values[0] < 0.0:  # clocks a little apart: observed as 0, as observe(max(0.0, v)) would
+            zero = bisect.bisect_left(values, 0.0)
+            values[:zero] = [0.0] * zero
         counts, below = self.counts, 0
         for i, bound in enumerate(self.bounds):
             upto = bisect.bisect_right(values, bound)  # values <= bound: bucket i, as bisect_left places them
@@ -494,6 +498,8 @@ def observe_events(detector, observed: list) -> None:
     The same series move by the same amounts, but the clock is read once and each counter is
     bumped once per batch (the worker scores hundreds of records a batch, and per-record calls
     were a tenth of its time); a record's latency is to the end of its batch, when it is acked.
+    Each series is one pass over the batch, in a comprehension: one loop doing it all, a ``max``
+    and a property call per record, cost 2.4 µs a record (a tenth of the worker's time again).
     """
     global _last_detector
     if not observed:
@@ -502,36 +508,32 @@ def observe_events(detector, observed: list) -> None:
     if detector is not None and _last_detector() is not detector:
         _detectors.add(detector)
         _last_detector = weakref.ref(detector)
-    latencies: list = []
-    lags: list = []
-    record_latency, lag, top = latencies.append, lags.append, TOP.observe
-    processed = deliveries = replies = 0
+    RECORD_LATENCY.observe_many([now - produced_at for _, produced_at in observed if produced_at is not None])
+    scored = [outcome.event for outcome, _ in observed if outcome.error is None]
+    if len(scored) < len(observed):
+        for outcome, _ in observed:
+            if outcome.error is not None:
+                EVENTS_INVALID.labels(reason=reason_category(outcome.error)).inc()
+    EVENTS_PROCESSED.inc(len(scored))
+    scored = [event for event in scored if event is not None]
+    times = [event.event_time for event in scored]
+    EVENT_TIME_LAG.observe_many([now - t for t in times])
+    DELIVERIES.inc(sum([event.deliveries for event in scored]))
+    replies = 0
+    top = TOP.observe
+    for event, t in zip(scored, times):
+        if event.lists:
+            reply = event.is_reply
+            replies += reply
+            for address, members in event.lists.items():
+                top(address, t, members, reply)
+    REPLIES.inc(replies)
     changed = False
     for outcome, produced_at in observed:
-        if produced_at is not None:
-            record_latency(max(0.0, now - produced_at))
-        if outcome.error is not None:
-            EVENTS_INVALID.labels(reason=reason_category(outcome.error)).inc()
-        else:
-            processed += 1
-            event = outcome.event
-            if event is not None:
-                t = event.event_time
-                lag(max(0.0, now - t))
-                deliveries += event.deliveries
-                if event.lists:
-                    reply = event.is_reply
-                    replies += reply
-                    for address, members in event.lists.items():
-                        top(address, t, members, reply)
-        for action in outcome.actions:
-            observe_action(action, produced_at, now)
-            changed = changed or action.kind != "alert"
-    RECORD_LATENCY.observe_many(latencies)
-    EVENT_TIME_LAG.observe_many(lags)
-    EVENTS_PROCESSED.inc(processed)
-    DELIVERIES.inc(deliveries)
-    REPLIES.inc(replies)
+        if outcome.actions:
+            for action in outcome.actions:
+                observe_action(action, produced_at, now)
+                changed = changed or action.kind != "alert"
     if changed and detector is not None:
         _refresh_detector_gauges()
 

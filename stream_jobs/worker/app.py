@@ -146,6 +146,9 @@ class StormguardWorker:
         #: A list's partition (of mail.events and the by-list topic alike), as Java's and Faust's partitioner
         #: picks it.
         self._home: dict[str, int] = {}
+        #: A by-list partition's stand-in record, current while a share scored here writes its list's
+        #: model and state: Faust's tables read only its topic and partition (:meth:`score_share_here`).
+        self._share_writers: dict[int, RecordEvent] = {}
         self.dead_letter_failures = 0
         #: Wall-clock time the first event past the history cut-off was scored (None: still learning history).
         self.live_since: Optional[float] = None if settings.policy.learn_only_until else time.time()
@@ -201,20 +204,19 @@ class StormguardWorker:
         observe_processing, note = timings.append, observed.append
         crash_on = settings.crash_on_message_id
         for index, event in enumerate(events):
-            raw = event.value
-            raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
             message = event.message
+            produced_at = message.timestamp  # epoch seconds, as Faust gives them
+            produced_at = float(produced_at) if produced_at else None
             started = perf_counter()
             # decoded once, by the event-time merge (worker/event_order.py), on the batch path
             decoded = getattr(event, "decoded", None)
             if decoded is None:
-                decoded = decode_record(raw)[1]
-            local = ()
+                decoded = decode_record(event.value)[1]
+            local = away = ()
             by_list = message.topic == by_list_name
             if by_list:  # one list's share, routed here because we own the list
                 share = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else ""
                 outcome = process_decoded(decoded, (share,))
-                away = ()
             else:
                 outcome, away = score_here(decoded, event.key, message.partition)
                 if away and here:
@@ -224,26 +226,28 @@ class StormguardWorker:
                 raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {settings.crash_on_message_id}")
             if outcome.error is not None:
                 await self.dead_letter(event, outcome.error)
-            else:
-                for address in outcome.event.lists:
-                    if address not in away:
-                        waiting = unsaved.get(address)
-                        unsaved[address] = (event, now if waiting is None else waiting[1])
+            elif away:  # every list of the message is scored by its owner: this record changed no list here
                 for address in away:
                     if address in local:
                         continue
                     # stamped as the gateway stamped it: produce -> action stays the gateway's latency
-                    await self.by_list.send(key=address.encode(), value=raw, partition=home[address],
-                                            headers=event.headers, timestamp=_record_time(event))
+                    await self.by_list.send(key=address.encode(), value=_value_bytes(event),
+                                            partition=home[address], headers=event.headers, timestamp=produced_at)
+            else:
+                # a share changed its own list only: another list of the message, saved with this record,
+                # would go to this list's changelog partition, where its owner does not look for it
+                for address in ((share,) if by_list else outcome.event.lists):
+                    waiting = unsaved.get(address)
+                    unsaved[address] = (event, now if waiting is None else waiting[1])
             if outcome.actions:
                 await self.publish_decisions(event, outcome, event, index, len(events), batch_start)
             if by_list:  # the message was counted where it was read
                 for action in outcome.actions:
-                    metrics.observe_action(action, _record_time(event))
+                    metrics.observe_action(action, produced_at)
                 if outcome.error is not None:
                     note((outcome, None))
             else:
-                note((outcome, _record_time(event)))
+                note((outcome, produced_at))
             if local:
                 for address in local:
                     await self.score_share_here(event, outcome.event, address, now)
@@ -284,10 +288,9 @@ class StormguardWorker:
         the changed models (written before each commit), keep it at least once, as a share sent and
         read back is.
         """
-        home = self._home[address]
-        share = RecordEvent(self.by_list_name, home, source.message.offset, source.message.timestamp,
-                            address.encode(), source.value, source.headers,
-                            TP(self.by_list_name, home))
+        share = self._share_writers.get(self._home[address])
+        if share is None:
+            share = self._share_writer(self._home[address])
         outcome = self.process_raw_event(event, (address,))
         if outcome.error is not None:
             await self.dead_letter(source, outcome.error)
@@ -299,6 +302,11 @@ class StormguardWorker:
             await self.publish_decisions(share, outcome, source)  # traced as its source record
             for action in outcome.actions:
                 metrics.observe_action(action, _record_time(source))
+
+    def _share_writer(self, partition: int) -> RecordEvent:
+        writer = self._share_writers[partition] = RecordEvent(self.by_list_name, partition, -1, None, None, b"", (),
+                                                              TP(self.by_list_name, partition))
+        return writer
 
     async def publish_decisions(self, writes_as, outcome: Outcome, traced, index: int = 0, batch_len: int = 1,
                                 batch_start: Optional[float] = None) -> None:
@@ -451,7 +459,7 @@ class StormguardWorker:
         A dead letter that cannot be written is counted and logged; it never stops scoring.
         """
         msg = event.message
-        raw = event.value if isinstance(event.value, bytes) else b""
+        raw = _value_bytes(event)
         source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
                   "timestamp": _record_time(event)}
         value = dead_letter_envelope(raw, reason, source, self.settings.dlq_max_bytes)
@@ -792,6 +800,11 @@ def decode_record(raw: Any) -> tuple[float, Any]:
     except InvalidEvent as exc:
         return event_time_of(raw), exc  # still placed by its timestamp, if it has one, as before
     return event.event_time, event
+
+
+def _value_bytes(event) -> bytes:
+    raw = event.value
+    return raw if isinstance(raw, bytes) else bytes(raw or b"")
 
 
 def _record_time(event) -> Optional[float]:

@@ -158,7 +158,8 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
 
     def _merge(self) -> Iterator[tuple[Any, Any, Any]]:
         held, last_time = self._held, self._last_time
-        heap = [(buf[0][0], tp) for tp, buf in held.items() if buf]
+        # (time of the partition's oldest held record, the partition, the newest time it has released)
+        heap = [(buf[0][0], tp, last_time.get(tp, -math.inf)) for tp, buf in held.items() if buf]
         heapq.heapify(heap)
         # records newer than this wait: some partition ran dry, or has given nothing yet, while the broker
         # still has more of it
@@ -166,25 +167,33 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
         dry.extend(tp for tp in self._assigned() if tp not in held)
         limit = min((last_time.get(tp, -math.inf) for tp in dry if self._behind(tp)), default=math.inf)
         released = False
-        while heap:
-            t, tp = heap[0]
-            if t > limit:
-                if self._n_held <= self.max_held and self._may_wait(released):
-                    return
-                self.released_early += 1
-            heapq.heappop(heap)
-            buf = held[tp]
-            entry = buf.popleft()
-            self._n_held -= 1
-            if t > last_time.get(tp, -math.inf):
-                last_time[tp] = t
-            released = True
-            yield tp, entry[-1], entry[1]
-            if buf:
-                heapq.heappush(heap, (buf[0][0], tp))
-            elif self._behind(tp):
-                limit = min(limit, last_time.get(tp, -math.inf))
-        self._stuck_since = None
+        try:
+            while heap:
+                t, tp, newest = heap[0]
+                if t > limit:
+                    if self._n_held <= self.max_held and self._may_wait(released):
+                        return
+                    self.released_early += 1
+                buf = held[tp]
+                entry = buf.popleft()
+                self._n_held -= 1
+                if t > newest:
+                    newest = t
+                released = True
+                # the heap is brought up to date before the record is handed on, so that what the finally
+                # clause saves is right wherever the caller stops
+                if buf:
+                    heapq.heapreplace(heap, (buf[0][0], tp, newest))
+                else:
+                    heapq.heappop(heap)
+                    last_time[tp] = newest
+                    if self._behind(tp):
+                        limit = min(limit, newest)
+                yield tp, entry[-1], entry[1]
+            self._stuck_since = None
+        finally:
+            for _, tp, newest in heap:  # the newest times ride in the heap: no dict lookups per record
+                last_time[tp] = newest
 
     def full(self) -> frozenset:
         """Partitions holding ``max_held_per_partition`` records or more: not to be fetched for now.

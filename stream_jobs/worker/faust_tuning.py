@@ -57,6 +57,9 @@ _fetch_max_wait_ms: int | None = None
 _consumer_record = PartitionRecords._consumer_record
 #: Topics whose records aiokafka hands over as its own record objects, set by :func:`read_raw_records`.
 _raw_topics: frozenset = frozenset()
+#: :meth:`BatchConsumer._route`'s answer for a partition of a topic that Faust delivers, record by record
+_FAUSTS = object()
+_UNROUTED = object()
 
 
 def _lean_consumer_record(self, tp, record):
@@ -583,30 +586,32 @@ class BatchConsumer(BatchDrainConsumer):
         read_offset = self._read_offset
         pending: dict[BatchHandler, list] = {}
         others: list = []
-        last: dict = {}  # tp -> the offset before the next record of tp (read offset, then this fetch's)
+        # tp -> [its handler's records, the offset before its next record (read offset, then this fetch's)],
+        # _FAUSTS (a topic without a batch handler) or None (a partition no longer active): one lookup a record
+        route: dict = {}
         gaps: list = []
         scheduler = self.scheduler
         iterate = getattr(scheduler, "iterate_decoded", None)
         pairs = iterate(records) if iterate is not None else ((tp, r, None) for tp, r in scheduler.iterate(records))
         for tp, record, decoded in pairs:
-            if active is not None and tp not in active and tp not in buffered:
+            to = route.get(tp, _UNROUTED)
+            if to is _UNROUTED:
+                to = route[tp] = self._route(tp, active, buffered, handlers, pending)
+            if to is None:
                 continue
-            handler = handlers.get(tp.topic)
-            if handler is None:
+            if to is _FAUSTS:
                 others.append((tp, record))
                 continue
             offset = record.offset
-            before = last[tp] if tp in last else read_offset[tp]
-            if before is not None and offset < before:
-                continue  # read already (Faust's "dropped message"; its test, its read offsets)
-            if before is not None and offset - before > 1:
-                gaps.append((tp, before + 1, offset - 1))
-            last[tp] = offset
+            before = to[1]
+            if before is not None:
+                if offset < before:
+                    continue  # read already (Faust's "dropped message"; its test, its read offsets)
+                if offset - before > 1:
+                    gaps.append((tp, before + 1, offset - 1))
+            to[1] = offset
             ts = record.timestamp
-            batch = pending.get(handler)
-            if batch is None:
-                batch = pending[handler] = []
-            batch.append(RecordEvent(tp.topic, tp.partition, offset, None if ts is None else ts / 1000.0,
+            to[0].append(RecordEvent(tp.topic, tp.partition, offset, None if ts is None else ts / 1000.0,
                                      record.key, record.value, record.headers, tp, decoded))
         if others:
             await self.wait_first(self._deliver(self._as_messages(others)), self.suspend_flow.wait())
@@ -623,6 +628,20 @@ class BatchConsumer(BatchDrainConsumer):
                         or epoch != self.seek_epoch or self._handler_failed is not None:
                     return
                 await self._handle(handler, batch[i:i + step])
+
+    def _route(self, tp: Any, active: Optional[set], buffered: set, handlers: dict, pending: dict) -> Any:
+        """Where :meth:`_deliver_fetch` puts the records of ``tp``: its handler's list and the partition's read
+        offset; :data:`_FAUSTS` for a topic without a batch handler (Faust delivers it); None for a partition
+        no longer active (dropped)."""
+        if active is not None and tp not in active and tp not in buffered:
+            return None
+        handler = handlers.get(tp.topic)
+        if handler is None:
+            return _FAUSTS
+        batch = pending.get(handler)
+        if batch is None:
+            batch = pending[handler] = []
+        return [batch, self._read_offset[tp]]
 
     async def _as_messages(self, pairs: list) -> AsyncIterator:
         to_message = self._to_message

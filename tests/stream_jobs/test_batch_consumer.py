@@ -92,6 +92,34 @@ def test_a_fetch_reaches_the_handler_in_chunks_in_the_schedulers_order():
     asyncio.run(main())
 
 
+def test_a_fetch_skips_what_was_read_fills_gaps_and_drops_partitions_no_longer_active():
+    """Per partition, as Faust's own getmany: a record at or before the read offset that it has seen is not
+    delivered again, offsets a fetch skips (compaction, transaction markers) are gaps Faust's commit may
+    step over, and a partition that is neither active nor buffered any more delivers nothing."""
+    async def main():
+        app, handled = _app()
+        consumer, tp, handler = await _consumer(app)
+        tp1 = consumer._new_topicpartition("mail.events", 1)
+        consumer._committed_offset[tp1] = 0
+        consumer.flow_active = True
+
+        class Rec:
+            def __init__(self, tp, offset):
+                self.topic, self.partition, self.offset, self.timestamp = tp.topic, tp.partition, offset, 1000
+                self.key, self.headers, self.value = b"k", (), b'{"timestamp": 5}'
+
+        await consumer._handle(handler, _records(tp, [0, 1, 2]))
+        handled.clear()
+        # tp: 1 was read already, 3 follows 2, 6 skips 4 and 5; tp1 is no longer active
+        fetch = {tp: [Rec(tp, o) for o in (1, 3, 6)], tp1: [Rec(tp1, o) for o in (0, 1)]}
+        await consumer._deliver_fetch(fetch, {tp}, app.batch_handlers)
+        assert sorted(sum(handled, [])) == [3, 6]
+        assert consumer._new_offset(tp) == 7  # through the gap 4..5
+        assert consumer._new_offset(tp1) is None
+
+    asyncio.run(main())
+
+
 def test_batch_topics_are_read_as_aiokafkas_own_records_and_reach_the_handler_whole():
     """No ``ConsumerRecord`` for the batch topics (read_raw_records): aiokafka's record of a real record
     batch goes to the handler with its partition, offset, time, key, value and headers; other topics,
