@@ -108,7 +108,7 @@ _encoder = msgspec.json.Encoder()
 
 def parse_event(raw: bytes | str) -> MailEvent:
     """Decode and validate one record, or raise :class:`InvalidEvent` with the reason."""
-    if isinstance(raw, str):
+    if type(raw) is not bytes and isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent(f"record is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit")

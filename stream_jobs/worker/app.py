@@ -794,12 +794,14 @@ def decode_record(raw: Any) -> tuple[float, Any]:
     >>> t, why = decode_record(b'{"timestamp": 7}'); t, type(why).__name__
     (7.0, 'InvalidEvent')
     """
-    raw = raw if isinstance(raw, bytes) else bytes(raw or b"")
+    if type(raw) is not bytes:
+        raw = bytes(raw or b"")
     try:
         event = parse_event(raw)
     except InvalidEvent as exc:
         return event_time_of(raw), exc  # still placed by its timestamp, if it has one, as before
-    return event.event_time, event
+    ts = event.timestamp  # epoch seconds, nearly always: event_time's property call saved
+    return (ts if type(ts) is float else event.event_time), event
 
 
 def _value_bytes(event) -> bytes:
