@@ -32,12 +32,30 @@ def _records(tp, offsets):
     return [RecordEvent(tp.topic, tp.partition, o, 1479112200.0, b"k", b"{}", (), tp) for o in offsets]
 
 
+class Rec:
+    """A record as aiokafka fetches it (the fields the batch consumer reads), of event time ``when``."""
+
+    def __init__(self, tp, offset, when):
+        self.topic, self.partition, self.offset, self.timestamp = tp.topic, tp.partition, offset, 1000
+        self.key, self.headers = b"k", ()
+        self.value = b'{"timestamp": %d}' % when
+
+
 async def _consumer(app):
     await app.topics._update_indices()  # what Faust does when it subscribes: mail.events is an acked topic
     consumer = app.consumer
     tp = consumer._new_topicpartition("mail.events", 0)
     consumer._committed_offset[tp] = 0
     return consumer, tp, app.batch_handlers["mail.events"]
+
+
+async def _two_partitions(app):
+    """:func:`_consumer` with partition 1 assigned too, and the flow running: ready for a fetch."""
+    consumer, tp, handler = await _consumer(app)
+    tp1 = consumer._new_topicpartition("mail.events", 1)
+    consumer._committed_offset[tp1] = 0
+    consumer.flow_active = True
+    return consumer, tp, tp1, handler
 
 
 def test_a_handled_chunk_is_acked_and_only_contiguous_offsets_are_committed():
@@ -72,16 +90,7 @@ def test_a_chunk_whose_handler_raises_is_not_acked_and_nothing_more_is_delivered
 def test_a_fetch_reaches_the_handler_in_chunks_in_the_schedulers_order():
     async def main():
         app, handled = _app()
-        consumer, tp, handler = await _consumer(app)
-        tp1 = consumer._new_topicpartition("mail.events", 1)
-        consumer._committed_offset[tp1] = 0
-        consumer.flow_active = True
-
-        class Rec:
-            def __init__(self, tp, offset, when):
-                self.topic, self.partition, self.offset, self.timestamp = tp.topic, tp.partition, offset, 1000
-                self.key, self.headers = b"k", ()
-                self.value = b'{"timestamp": %d}' % when
+        consumer, tp, tp1, handler = await _two_partitions(app)
 
         fetch = {tp: [Rec(tp, 0, 5), Rec(tp, 1, 9)], tp1: [Rec(tp1, 0, 7), Rec(tp1, 1, 8)]}
         await consumer._deliver_fetch(fetch, None, app.batch_handlers)
@@ -98,20 +107,12 @@ def test_a_fetch_skips_what_was_read_fills_gaps_and_drops_partitions_no_longer_a
     step over, and a partition that is neither active nor buffered any more delivers nothing."""
     async def main():
         app, handled = _app()
-        consumer, tp, handler = await _consumer(app)
-        tp1 = consumer._new_topicpartition("mail.events", 1)
-        consumer._committed_offset[tp1] = 0
-        consumer.flow_active = True
-
-        class Rec:
-            def __init__(self, tp, offset):
-                self.topic, self.partition, self.offset, self.timestamp = tp.topic, tp.partition, offset, 1000
-                self.key, self.headers, self.value = b"k", (), b'{"timestamp": 5}'
+        consumer, tp, tp1, handler = await _two_partitions(app)
 
         await consumer._handle(handler, _records(tp, [0, 1, 2]))
         handled.clear()
         # tp: 1 was read already, 3 follows 2, 6 skips 4 and 5; tp1 is no longer active
-        fetch = {tp: [Rec(tp, o) for o in (1, 3, 6)], tp1: [Rec(tp1, o) for o in (0, 1)]}
+        fetch = {tp: [Rec(tp, o, 5) for o in (1, 3, 6)], tp1: [Rec(tp1, o, 5) for o in (0, 1)]}
         await consumer._deliver_fetch(fetch, {tp}, app.batch_handlers)
         assert sorted(sum(handled, [])) == [3, 6]
         assert consumer._new_offset(tp) == 7  # through the gap 4..5
@@ -189,12 +190,6 @@ def test_records_the_scheduler_held_back_are_released_by_an_empty_fetch():
         consumer.scheduler = EventTimeScheduler(ordered_topics={"mail.events"})
         consumer.scheduler.has_backlog = lambda t: backlog.get(t, False)
         consumer.flow_active = True
-
-        class Rec:
-            def __init__(self, tp, offset, when):
-                self.topic, self.partition, self.offset, self.timestamp = tp.topic, tp.partition, offset, 1000
-                self.key, self.headers = b"k", ()
-                self.value = b'{"timestamp": %d}' % when
 
         await consumer._deliver_fetch({tp: [Rec(tp, 0, 5)], tp1: [Rec(tp1, 0, 3)]}, None, app.batch_handlers)
         assert handled == [[0]]  # tp1's record at 3; tp's at 5 waits: tp1 may still have older ones
