@@ -583,7 +583,6 @@ class BatchConsumer(BatchDrainConsumer):
     async def _deliver_fetch(self, records: Mapping, active: Optional[set], handlers: dict) -> None:
         generation, epoch = self.app.consumer_generation_id, self.seek_epoch
         buffered = self._buffered_partitions
-        read_offset = self._read_offset
         pending: dict[BatchHandler, list] = {}
         others: list = []
         # tp -> [its handler's records, the offset before its next record (read offset, then this fetch's)],
