@@ -25,6 +25,10 @@ LIST_STATE_TOPIC = "stormguard.list-state"
 THREAD_WATCH_TOPIC = "stormguard.thread-watch"
 #: Operators' freeze/unfreeze commands from the admin API, applied in stream order.
 COMMANDS_TOPIC = "stormguard.commands"
+#: Records the worker's event-time merge holds at most before the oldest go through anyway
+#: (``EventTimeScheduler.max_held`` in stream_jobs/worker/event_order.py says why this many); here, without
+#: Faust, so that the settings that depend on it can quote it.
+ORDER_MAX_HELD = 200_000
 
 
 def by_list_topic(app_id: str) -> str:
@@ -319,7 +323,8 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
     ("STORMGUARD_GC_CATCH_UP_THRESHOLD", "2000000", "while the worker catches up a backlog (its batch's newest "
      "record more than a second old), Python's collector runs a young-generation pass every this many container "
      "allocations instead of every 700: the collector took a quarter of the worker's CPU catching up, and nobody "
-     "waits on a backlog's records. The default is above what the event-time merge holds (200,000 records) plus "
+     f"waits on a backlog's records. The default is above what the event-time merge holds ({ORDER_MAX_HELD:,} records) "
+     "plus "
      "what gathers between two `STORMGUARD_GC_FREEZE_S` freezes: the bench's catch-up made next to none; one may "
      "take up to a second (~25 ms per 50,000 objects). Live again, Python's thresholds come back. 0: Python's "
      "thresholds always"),
@@ -337,7 +342,8 @@ WORKER_SETTINGS: list[tuple[str, str, str]] = [
      "(the broker has more of it, or no fetch of it has been answered yet) before newer events from the other "
      "partitions are scored anyway (the wait starts again each time the merge moves on); the worker "
      "scores a list's events oldest first across partitions (`stream_jobs/worker/event_order.py`), and caught-up "
-     "partitions never hold anything back. Meanwhile it holds up to 200,000 records (about 200 MB) before "
+     f"partitions never hold anything back. Meanwhile it holds up to {ORDER_MAX_HELD:,} records (about "
+     f"{ORDER_MAX_HELD // 1000:,} MB) before "
      "the oldest go through anyway"),
     ("STORMGUARD_LATENCY_TRACE", "false", "`true`: one `latency-trace {json}` log line per freeze, with the "
      "wall-clock times its record was fetched, let through by the event-time order, scored and its writes "

@@ -49,6 +49,7 @@ import msgspec
 from faust.transport.utils import DefaultSchedulingStrategy
 
 from detectors.events import Rfc3339
+from stream_jobs.settings import ORDER_MAX_HELD
 
 
 class _When(msgspec.Struct):
@@ -92,7 +93,7 @@ class EventTimeScheduler(DefaultSchedulingStrategy):
     #: Tansu sends more, 22,000 seen). At 50,000, seven partitions' first fetches overran it while the
     #: eighth had given nothing: records out of order in 5 of 18 catch-ups of 200,000 sender-keyed events
     #: on 8 partitions of Tansu, up to 317 of them dead-lettered as late; 0 of 10 at 200,000.
-    max_held: int = 200_000
+    max_held: int = ORDER_MAX_HELD
     #: Records held of one partition past which the consumer fetches no more of it (:meth:`full`) until
     #: the merge has let them through: one partition slow to give its first records must not see the
     #: others fill ``max_held`` (which lets the oldest through out of order).
