@@ -24,6 +24,13 @@ counted by the worker as records and converted back, as the bench's sender-keyed
 per CPU-second of the consumer process, and the ratio to the bare aiokafka run of the same round.
 The JSON (``--out``) keeps every round; the table gives medians. ``uptime``'s load average is
 recorded before and after each round: quote it with the figures.
+
+With a reference variant (``--reference``; by default the first ``worker@LABEL``, the code before a
+change), each other variant is also divided by it *within each round*, and the median of those paired
+ratios is reported (``vs_reference``, ``vs_reference_per_cpu``). This shared machine's speed swings by
+half from one minute to the next, which moves bare aiokafka's figure and so every ratio to it; two
+variants run back to back in one round see much the same speed, so the paired ratio is the steadier
+before/after figure.
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a git commit whose worker runs as variant worker@LABEL (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="a setting of variants named VARIANT~NAME (repeatable)")
+    p.add_argument("--reference", metavar="VARIANT",
+                   help="the variant every other is divided by, round by round (default: the first worker@LABEL, "
+                        "the code before; none without one)")
     p.add_argument("--engine", choices=("tansu", "kafka"), default="tansu")
     p.add_argument("--seed", type=int, default=2016)
     p.add_argument("--phase-timeout", type=float, default=300.0)
@@ -99,10 +109,13 @@ def run(args: argparse.Namespace) -> dict:
         if base not in BASE_VARIANTS or (label and (base != "worker" or label not in codes)) \
                 or (env_name and (base == "bare" or env_name not in envs)):
             raise SystemExit(f"unknown variant {v!r} (worker@LABEL needs --code LABEL=REF, X~NAME needs --env NAME:K=V)")
+    reference = args.reference or next((v for v in variants if "@" in v.partition("~")[0]), None)
+    if reference is not None and (reference not in variants or reference == "bare"):
+        raise SystemExit(f"--reference {reference!r} is not one of the variants run (bare is not a reference)")
     bench = Bench(args)
     results: dict = {"command": " ".join(["python -m stream_jobs.bench.ab"] + sys.argv[1:]), "machine": machine(),
                      "events": args.events, "partitions": args.partitions, "keyed_by": args.keyed,
-                     "engine": args.engine, "variants": variants, "rounds": []}
+                     "engine": args.engine, "variants": variants, "reference": reference, "rounds": []}
     try:
         code_env = {}
         for label, ref in codes.items():
@@ -151,6 +164,14 @@ def run(args: argparse.Namespace) -> dict:
                 rnd[v] = {k: out.get(k) for k in ("events_per_s", "events_per_cpu_s", "seconds", "cpu_s",
                                                   "records_per_s", "duplicates")}
             rnd["load_after"] = list(os.getloadavg())
+            if reference is not None:
+                # paired within the round: both ran minutes apart at most, on the same broker and machine speed
+                for v in variants:
+                    if v not in ("bare", reference):
+                        rnd[v]["vs_reference"] = rnd[v]["events_per_s"] / rnd[reference]["events_per_s"]
+                        if rnd[v].get("events_per_cpu_s") and rnd[reference].get("events_per_cpu_s"):
+                            rnd[v]["vs_reference_per_cpu"] = \
+                                rnd[v]["events_per_cpu_s"] / rnd[reference]["events_per_cpu_s"]
             if "bare" in rnd:
                 for v in variants:
                     if v != "bare":
@@ -159,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
                             rnd[v]["vs_bare_per_cpu"] = rnd[v]["events_per_cpu_s"] / rnd["bare"]["events_per_cpu_s"]
             results["rounds"].append(rnd)
         results["median"] = {v: {k: _median([rnd[v].get(k) for rnd in results["rounds"]])
-                                 for k in ("events_per_s", "events_per_cpu_s", "vs_bare", "vs_bare_per_cpu")}
+                                 for k in ("events_per_s", "events_per_cpu_s", "vs_bare", "vs_bare_per_cpu",
+                                           "vs_reference", "vs_reference_per_cpu")}
                              for v in variants}
     finally:
         bench.close()
@@ -190,6 +212,17 @@ def table(results: dict) -> str:
                      f"| {' · '.join(fmt(r[v].get('events_per_cpu_s')) for r in rounds)} "
                      f"| {' · '.join(fmt(r[v].get('vs_bare'), '.3f') for r in rounds)} "
                      f"| {fmt(m.get('vs_bare'), '.3f')} | {fmt(m.get('vs_bare_per_cpu'), '.3f')} |")
+    reference = results.get("reference")
+    if reference is not None:
+        lines += ["", f"| variant ÷ {reference}, paired in each round | events/s (rounds) | per CPU-s (rounds) "
+                      "| median | median per CPU-s |", "|---|---|---|---:|---:|"]
+        for v in variants:
+            if v in ("bare", reference):
+                continue
+            m = results["median"][v]
+            lines.append(f"| {v} | {' · '.join(fmt(r[v].get('vs_reference'), '.3f') for r in rounds)} "
+                         f"| {' · '.join(fmt(r[v].get('vs_reference_per_cpu'), '.3f') for r in rounds)} "
+                         f"| {fmt(m.get('vs_reference'), '.3f')} | {fmt(m.get('vs_reference_per_cpu'), '.3f')} |")
     loads = ", ".join(f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}" for r in rounds)
     lines.append(f"\n{results['events']:,} events, {results['partitions']} partitions, keyed by "
                  f"{results['keyed_by']} ({results['by_list_shares']:,} by-list shares), {results['engine']}; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -244,7 +245,18 @@ def test_the_ab_harness_times_each_variant_in_every_round_against_that_rounds_ba
             assert rnd[v]["vs_bare"] == pytest.approx(rnd[v]["events_per_s"] / rnd["bare"]["events_per_s"])
             # the worker counts a by-list share as a record; events/s counts events of mail.events
             assert rnd[v]["records_per_s"] > rnd[v]["events_per_s"]
-    assert "worker@head" in done.stdout and "load average" in done.stdout
+    # the code before (the first worker@LABEL) is the reference: the other worker is divided by it round by round
+    assert res["reference"] == "worker@head"
+    paired = [rnd["worker"]["vs_reference_per_cpu"] for rnd in res["rounds"]]
+    for rnd in res["rounds"]:
+        assert rnd["worker"]["vs_reference"] == pytest.approx(rnd["worker"]["events_per_s"]
+                                                              / rnd["worker@head"]["events_per_s"])
+        assert "vs_reference" not in rnd["worker@head"]
+    assert res["median"]["worker"]["vs_reference_per_cpu"] == pytest.approx(statistics.median(paired))
+    assert "worker@head" in done.stdout and "load average" in done.stdout and "paired in each round" in done.stdout
     bad = subprocess.run([sys.executable, "-m", "stream_jobs.bench.ab", "--variants", "bare,worker@nowhere"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "worker@nowhere" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "stream_jobs.bench.ab", "--variants", "bare,worker",
+                          "--reference", "worker@before"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--reference 'worker@before'" in bad.stderr
