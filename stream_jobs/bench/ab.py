@@ -95,6 +95,17 @@ def _median(values: list) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
+def _divide(rnd: dict, variants: list, by: str, name: str) -> None:
+    """Each variant of round ``rnd`` but ``bare`` and ``by``, divided by ``by``: events/s as ``name``, events
+    per CPU-second as ``name``_per_cpu (when both have it)."""
+    for v in variants:
+        if v in ("bare", by):
+            continue
+        rnd[v][name] = rnd[v]["events_per_s"] / rnd[by]["events_per_s"]
+        if rnd[v].get("events_per_cpu_s") and rnd[by].get("events_per_cpu_s"):
+            rnd[v][f"{name}_per_cpu"] = rnd[v]["events_per_cpu_s"] / rnd[by]["events_per_cpu_s"]
+
+
 def run(args: argparse.Namespace) -> dict:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     codes = dict(c.split("=", 1) for c in args.code)
@@ -166,18 +177,9 @@ def run(args: argparse.Namespace) -> dict:
             rnd["load_after"] = list(os.getloadavg())
             if reference is not None:
                 # paired within the round: both ran minutes apart at most, on the same broker and machine speed
-                for v in variants:
-                    if v not in ("bare", reference):
-                        rnd[v]["vs_reference"] = rnd[v]["events_per_s"] / rnd[reference]["events_per_s"]
-                        if rnd[v].get("events_per_cpu_s") and rnd[reference].get("events_per_cpu_s"):
-                            rnd[v]["vs_reference_per_cpu"] = \
-                                rnd[v]["events_per_cpu_s"] / rnd[reference]["events_per_cpu_s"]
+                _divide(rnd, variants, reference, "vs_reference")
             if "bare" in rnd:
-                for v in variants:
-                    if v != "bare":
-                        rnd[v]["vs_bare"] = rnd[v]["events_per_s"] / rnd["bare"]["events_per_s"]
-                        if rnd[v].get("events_per_cpu_s") and rnd["bare"].get("events_per_cpu_s"):
-                            rnd[v]["vs_bare_per_cpu"] = rnd[v]["events_per_cpu_s"] / rnd["bare"]["events_per_cpu_s"]
+                _divide(rnd, variants, "bare", "vs_bare")
             results["rounds"].append(rnd)
         results["median"] = {v: {k: _median([rnd[v].get(k) for rnd in results["rounds"]])
                                  for k in ("events_per_s", "events_per_cpu_s", "vs_bare", "vs_bare_per_cpu",
