@@ -152,6 +152,8 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
     seek_epoch: int = 0
     _fetch_in_flight: Optional[asyncio.Future] = None
     _fetch_epoch: int = 0
+    #: the last seek back to the committed offsets begun (:meth:`_seek_committed`), until a later one begins
+    _seek_task: Optional[asyncio.Future] = None
 
     async def _getmany(self, active_partitions, timeout: float):
         """Faust's, without the partitions the scheduler holds enough of (its ``full()``, if it has one):
@@ -213,6 +215,26 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
         return super().verify_event_path(now, tp)
 
     async def _seek_committed(self) -> None:
+        """Seek back to the committed offsets, one seek at a time, finished even if the caller stops waiting.
+
+        The exactly-once drain awaits its fetch, and the seeks a fetch can lead to, inside Faust's
+        ``wait_first`` with the flow's suspension, and the recovery stops the flow to seek: that cancelled
+        a seek half made. aiokafka's own seek (partitions with a committed offset) was done, the rewind of
+        those without one (:meth:`seek_to_committed`) was not, and their positions stayed past records a
+        fetch had just dropped. Seen on Apache Kafka under exactly-once: a survivor took over the
+        partitions of a worker killed before its first commit, dropped their records in the fetch the
+        rebalance stopped, and was ready with nothing to score, for good (a freeze never published).
+        """
+        before = self._seek_task
+        task = self._seek_task = asyncio.ensure_future(self._seek_after(before))
+        # a failure is its awaiting caller's to report; one that gave up was stopped by a rebalance or a stop,
+        # and the next assignment seeks again
+        task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
+
+    async def _seek_after(self, before: Optional[asyncio.Future]) -> None:
+        if before is not None and not before.done():
+            await asyncio.wait([before])
         self.seek_epoch += 1
         try:
             await super().perform_seek()
@@ -242,6 +264,9 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
         """
         task = self._fetch_in_flight
         if task is None:
+            seek = self._seek_task
+            if seek is not None and not seek.done():
+                await asyncio.wait([seek])  # a fetch begun during a seek would be dropped: begin after it
             epoch = self.seek_epoch
             task = asyncio.ensure_future(super()._wait_next_records(timeout))
             task.add_done_callback(_retrieve)
@@ -250,12 +275,18 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             epoch = self._fetch_epoch
         try:
             records, active = await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._fetch_in_flight = None
-            elif self.should_stop:
+        except asyncio.CancelledError:
+            # A fetch that ended in the step its wait was given up in is the next call's too: dropped here,
+            # its records were lost past aiokafka's positions (seen on Apache Kafka: a survivor's whole
+            # takeover fetch, then nothing left to fetch). A stop ends it.
+            if self.should_stop or task.cancelled():
                 task.cancel()
                 self._fetch_in_flight = None
+            raise
+        except BaseException:
+            self._fetch_in_flight = None
+            raise
+        self._fetch_in_flight = None
         if not records or self.seek_epoch == epoch:
             return records, active
         changelog = self._is_changelog_tp
@@ -299,7 +330,7 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
 
 
 def _retrieve(task: asyncio.Future) -> None:
-    """A fetch nobody awaited any more (the consumer stopped): its error, if any, is not news."""
+    """A fetch or a seek nobody awaited any more (a rebalance or a stop): its error, if any, is not news."""
     if not task.cancelled():
         task.exception()
 

@@ -320,6 +320,85 @@ def test_a_fetch_whose_wait_was_cancelled_is_handed_to_the_next_call():
     asyncio.run(main())
 
 
+def test_a_fetch_that_ended_in_the_step_its_wait_was_given_up_in_is_handed_to_the_next_call():
+    """The broker's answer and the rebalance's cancellation in one step of the event loop: the fetch is done
+    (aiokafka's positions past its records) but its waiter gets the cancellation. Its records go to the next
+    call, not nowhere (a survivor's whole takeover fetch was lost so, with nothing left to fetch)."""
+    async def main():
+        from faust.types import TP
+
+        app, _ = _app()
+        consumer, _, _ = await _consumer(app)
+        tp = TP("mail.events", 0)
+        consumer._active_partitions = {tp}
+        consumer.flow_active = True
+        answers = [{tp: ["records 0 to 148"]}, {}]  # after the first, aiokafka has nothing more to hand over
+        release = asyncio.Event()
+
+        async def getmany(active_partitions, timeout):
+            await release.wait()
+            return answers.pop(0)
+
+        consumer._getmany = getmany
+        waiting = asyncio.ensure_future(consumer._wait_next_records(1.0))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        release.set()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert consumer._fetch_in_flight is not None and consumer._fetch_in_flight.done()
+        records, _ = await consumer._wait_next_records(1.0)
+        assert records == {tp: ["records 0 to 148"]} and len(answers) == 1
+
+    asyncio.run(main())
+
+
+def test_a_seek_whose_caller_gave_up_is_finished_before_the_next_fetch_begins():
+    """The exactly-once drain awaits a seek inside ``wait_first`` with the flow's suspension; the recovery
+    stopping the flow cancelled it half made (a partition without a committed offset left past records a
+    fetch had dropped). The seek goes on without its caller, the next fetch waits for it, and a second
+    seek asked meanwhile runs after the first, not beside it."""
+    async def main():
+        from faust.types import TP
+
+        app, _ = _app()
+        consumer, _, _ = await _consumer(app)
+        tp = TP("mail.events", 0)
+        consumer._active_partitions = {tp}
+        consumer.flow_active = True
+        answer, steps = asyncio.Event(), []
+
+        async def seek_to_committed():  # the consumer's thread: aiokafka's seek, then the rewind
+            steps.append("seek")
+            await answer.wait()
+            steps.append("rewound")
+            return {tp: None}
+
+        async def getmany(active_partitions, timeout):
+            steps.append("fetch")
+            return {}
+
+        consumer.seek_to_committed, consumer._getmany = seek_to_committed, getmany
+        caller = asyncio.ensure_future(consumer._seek_committed())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        caller.cancel()  # the flow stopped: wait_first gives up on the drain
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        second = asyncio.ensure_future(consumer._seek_committed())
+        fetch = asyncio.ensure_future(consumer._wait_next_records(0.1))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert steps == ["seek"] and consumer.seek_epoch == 1
+        answer.set()
+        await second
+        await fetch
+        assert steps == ["seek", "rewound", "seek", "rewound", "fetch"] and consumer.seek_epoch == 4
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("mode", ["batch", "exactly_once", "stock"])
 def test_no_path_fetches_a_partition_the_event_time_merge_holds_enough_of(mode):
     """Tansu answers one fetch of a backlog partition with up to 22,000 records; a partition whose merge queue is
