@@ -208,23 +208,19 @@ def table(results: dict) -> str:
     def fmt(x, spec=",.0f"):
         return "–" if x is None else format(x, spec)
 
-    for v in variants:
-        m = results["median"][v]
-        lines.append(f"| {v} | {' · '.join(fmt(r[v]['events_per_s']) for r in rounds)} "
-                     f"| {' · '.join(fmt(r[v].get('events_per_cpu_s')) for r in rounds)} "
-                     f"| {' · '.join(fmt(r[v].get('vs_bare'), '.3f') for r in rounds)} "
-                     f"| {fmt(m.get('vs_bare'), '.3f')} | {fmt(m.get('vs_bare_per_cpu'), '.3f')} |")
+    def row(v: str, per_round: list[tuple[str, str]], medians: list[str]) -> str:
+        cells = [" · ".join(fmt(r[v].get(key), spec) for r in rounds) for key, spec in per_round]
+        cells += [fmt(results["median"][v].get(key), ".3f") for key in medians]
+        return f"| {v} | " + " | ".join(cells) + " |"
+
+    lines += [row(v, [("events_per_s", ",.0f"), ("events_per_cpu_s", ",.0f"), ("vs_bare", ".3f")],
+                  ["vs_bare", "vs_bare_per_cpu"]) for v in variants]
     reference = results.get("reference")
     if reference is not None:
         lines += ["", f"| variant ÷ {reference}, paired in each round | events/s (rounds) | per CPU-s (rounds) "
                       "| median | median per CPU-s |", "|---|---|---|---:|---:|"]
-        for v in variants:
-            if v in ("bare", reference):
-                continue
-            m = results["median"][v]
-            lines.append(f"| {v} | {' · '.join(fmt(r[v].get('vs_reference'), '.3f') for r in rounds)} "
-                         f"| {' · '.join(fmt(r[v].get('vs_reference_per_cpu'), '.3f') for r in rounds)} "
-                         f"| {fmt(m.get('vs_reference'), '.3f')} | {fmt(m.get('vs_reference_per_cpu'), '.3f')} |")
+        lines += [row(v, [("vs_reference", ".3f"), ("vs_reference_per_cpu", ".3f")],
+                      ["vs_reference", "vs_reference_per_cpu"]) for v in variants if v not in ("bare", reference)]
     loads = ", ".join(f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}" for r in rounds)
     lines.append(f"\n{results['events']:,} events, {results['partitions']} partitions, keyed by "
                  f"{results['keyed_by']} ({results['by_list_shares']:,} by-list shares), {results['engine']}; "

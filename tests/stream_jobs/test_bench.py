@@ -227,6 +227,30 @@ def test_background_generator_says_how_to_call_it():
 
 
 @pytest.mark.timeout(900)
+def test_the_ab_table_shows_every_round_and_pairs_each_variant_but_bare_and_the_reference():
+    from stream_jobs.bench.ab import table
+
+    def rnd(worker: float, before: float, cpu: object = 9000.0) -> dict:
+        return {"bare": {"events_per_s": 100_000.0, "events_per_cpu_s": 50_000.0},
+                "worker": {"events_per_s": worker, "events_per_cpu_s": cpu, "vs_bare": worker / 100_000,
+                           "vs_reference": worker / before},
+                "worker@before": {"events_per_s": before, "events_per_cpu_s": 8000.0, "vs_bare": before / 100_000},
+                "load_before": [1.0], "load_after": [2.5]}
+
+    results = {"variants": ["bare", "worker", "worker@before"], "reference": "worker@before",
+               "rounds": [rnd(20_000.0, 16_000.0), rnd(25_000.0, 20_000.0, cpu=None)],
+               "median": {"bare": {}, "worker": {"vs_bare": 0.225, "vs_bare_per_cpu": 0.2, "vs_reference": 1.25},
+                          "worker@before": {"vs_bare": 0.18}},
+               "events": 200_000, "partitions": 8, "keyed_by": "sender", "by_list_shares": 30_000, "engine": "tansu"}
+    text = table(results)
+    first, paired = text.split("paired in each round")
+    assert "| worker | 20,000 · 25,000 | 9,000 · – | 0.200 · 0.250 | 0.225 | 0.200 |" in first
+    assert "| worker@before | 16,000 · 20,000 | 8,000 · 8,000 | 0.160 · 0.200 | 0.180 | – |" in first
+    assert "| worker | 1.250 · 1.250 | – · – | 1.250 | – |" in paired
+    assert "| bare |" not in paired and "| worker@before |" not in paired
+    assert "load average (1 min) per round: 1.0→2.5, 1.0→2.5" in paired
+
+
 def test_the_ab_harness_times_each_variant_in_every_round_against_that_rounds_bare_run(tmp_path):
     """``make bench-ab`` on a small topic: two rounds of bare aiokafka, the worker, and the worker of a git
     commit (this one, from a snapshot), each round's ratio against that round's bare run."""
