@@ -58,6 +58,17 @@ async def _two_partitions(app):
     return consumer, tp, tp1, handler
 
 
+async def _flowing(app):
+    """:func:`_consumer` with partition 0 the one active partition and the flow running, ready to fetch."""
+    from faust.types import TP
+
+    consumer, _, _ = await _consumer(app)
+    tp = TP("mail.events", 0)
+    consumer._active_partitions = {tp}
+    consumer.flow_active = True
+    return consumer, tp
+
+
 def test_a_handled_chunk_is_acked_and_only_contiguous_offsets_are_committed():
     async def main():
         app, handled = _app()
@@ -291,13 +302,7 @@ def test_a_fetch_whose_wait_was_cancelled_is_handed_to_the_next_call():
     """A rebalance beginning cancels the drain's wait, not the fetch in the consumer's thread, which advances
     aiokafka's positions when it returns: its records go to the next call instead of nowhere."""
     async def main():
-        from faust.types import TP
-
-        app, _ = _app()
-        consumer, _, _ = await _consumer(app)
-        tp = TP("mail.events", 0)
-        consumer._active_partitions = {tp}
-        consumer.flow_active = True
+        consumer, tp = await _flowing(_app()[0])
         fetched = {tp: ["records 0 to 48"]}
         release, calls = asyncio.Event(), []
 
@@ -325,13 +330,7 @@ def test_a_fetch_that_ended_in_the_step_its_wait_was_given_up_in_is_handed_to_th
     (aiokafka's positions past its records) but its waiter gets the cancellation. Its records go to the next
     call, not nowhere (a survivor's whole takeover fetch was lost so, with nothing left to fetch)."""
     async def main():
-        from faust.types import TP
-
-        app, _ = _app()
-        consumer, _, _ = await _consumer(app)
-        tp = TP("mail.events", 0)
-        consumer._active_partitions = {tp}
-        consumer.flow_active = True
+        consumer, tp = await _flowing(_app()[0])
         answers = [{tp: ["records 0 to 148"]}, {}]  # after the first, aiokafka has nothing more to hand over
         release = asyncio.Event()
 
@@ -360,13 +359,7 @@ def test_a_seek_whose_caller_gave_up_is_finished_before_the_next_fetch_begins():
     fetch had dropped). The seek goes on without its caller, the next fetch waits for it, and a second
     seek asked meanwhile runs after the first, not beside it."""
     async def main():
-        from faust.types import TP
-
-        app, _ = _app()
-        consumer, _, _ = await _consumer(app)
-        tp = TP("mail.events", 0)
-        consumer._active_partitions = {tp}
-        consumer.flow_active = True
+        consumer, tp = await _flowing(_app()[0])
         answer, steps = asyncio.Event(), []
 
         async def seek_to_committed():  # the consumer's thread: aiokafka's seek, then the rewind
