@@ -226,7 +226,6 @@ def test_background_generator_says_how_to_call_it():
     assert done.returncode == 2 and "usage: python -m stream_jobs.bench.load" in done.stderr
 
 
-@pytest.mark.timeout(900)
 def test_the_ab_table_shows_every_round_and_pairs_each_variant_but_bare_and_the_reference():
     from stream_jobs.bench.ab import table
 
@@ -251,6 +250,7 @@ def test_the_ab_table_shows_every_round_and_pairs_each_variant_but_bare_and_the_
     assert "load average (1 min) per round: 1.0→2.5, 1.0→2.5" in paired
 
 
+@pytest.mark.timeout(900)
 def test_the_ab_harness_times_each_variant_in_every_round_against_that_rounds_bare_run(tmp_path):
     """``make bench-ab`` on a small topic: two rounds of bare aiokafka, the worker, and the worker of a git
     commit (this one, from a snapshot), each round's ratio against that round's bare run."""
