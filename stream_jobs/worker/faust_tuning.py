@@ -233,8 +233,7 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
         await asyncio.shield(task)
 
     async def _seek_after(self, before: Optional[asyncio.Future]) -> None:
-        if before is not None and not before.done():
-            await asyncio.wait([before])
+        await _ended(before)
         self.seek_epoch += 1
         try:
             await super().perform_seek()
@@ -264,9 +263,7 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
         """
         task = self._fetch_in_flight
         if task is None:
-            seek = self._seek_task
-            if seek is not None and not seek.done():
-                await asyncio.wait([seek])  # a fetch begun during a seek would be dropped: begin after it
+            await _ended(self._seek_task)  # a fetch begun during a seek would be dropped: begin after it
             epoch = self.seek_epoch
             task = asyncio.ensure_future(super()._wait_next_records(timeout))
             task.add_done_callback(_retrieve)
@@ -327,6 +324,12 @@ class TrueEndConsumer(_faust_aiokafka.Consumer):
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
         async with scoring:
             return await super().force_commit(topics, start_new_transaction=start_new_transaction)
+
+
+async def _ended(task: Optional[asyncio.Future]) -> None:
+    """Wait until ``task`` (if any) has ended, however it ends, without cancelling it if this wait is."""
+    if task is not None and not task.done():
+        await asyncio.wait([task])
 
 
 def _retrieve(task: asyncio.Future) -> None:
