@@ -65,15 +65,23 @@ class SenderFanout(stats.Var):
         return self
 
     def learn_one(self, deliveries: int) -> None:
-        self.update(math.log1p(deliveries))
+        # River's ``Var.update`` and ``Mean.update`` (weight 1) written out, operation for operation: every
+        # message learns here, and the two calls were a tenth of detection's time (issue 19). The sums are
+        # bit for bit River's (test_baselines checks them against ``stats.Var.update``).
+        x = math.log1p(deliveries)
+        mean = self.mean
+        old = mean._mean
+        n = mean.n = mean.n + 1.0
+        new = mean._mean = old + (1.0 / n) * (x - old)
+        self._S += 1.0 * (x - old) * (x - new)
         if deliveries > self.max_deliveries:
             self.max_deliveries = deliveries
 
     def score_one(self, deliveries: int) -> float:
         prior_mean, prior_var, k = self.PRIOR_MEAN, self.PRIOR_VAR, self.PRIOR_WEIGHT
         n = self.mean.n
-        mean = self.mean.get() if n else 0.0
-        var = self.get() if n > 1 else 0.0
+        mean = self.mean._mean if n else 0.0
+        var = self._S / (n - self.ddof) if n > self.ddof else 0.0  # River's Var.get
         mean_eff = (n * mean + k * prior_mean) / (n + k)
         var_eff = (n * var + k * prior_var) / (n + k)
         return (math.log1p(deliveries) - mean_eff) / math.sqrt(var_eff)

@@ -284,7 +284,9 @@ class StormDetector:
         ([], 1, 800)
         """
         cfg = self.config
-        t = event.event_time
+        t = event.timestamp
+        if type(t) is not float:  # epoch seconds nearly always: event_time's property call saved
+            t = event.event_time
         if self.watermark is not None and t > self.watermark + cfg.max_future_skew:
             # One record far ahead is a clock or unit error; several that agree with each other mean
             # the stream itself moved on (a quiet month in a small organisation), and we follow it.
@@ -315,7 +317,11 @@ class StormDetector:
             if t >= self._next_expiry and not history:
                 actions.extend(self._expire(event))
 
-        sender = self._sender(event.sender)
+        sender = self.senders.get(event.sender)
+        if sender is None:
+            sender = self._sender(event.sender)
+        else:  # the common case, without a call: the least recently seen sender is forgotten first
+            self.senders.move_to_end(event.sender)
         deliveries = event.deliveries
         warm = self.events_seen >= cfg.warmup_events
         trusted = event.sender in cfg.allow_senders

@@ -217,6 +217,8 @@ class StormguardWorker:
             if by_list:  # one list's share, routed here because we own the list
                 share = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else ""
                 outcome = process_decoded(decoded, (share,))
+            elif type(decoded) is MailEvent and not decoded.lists:  # most mail: scored where it is read
+                outcome = process_decoded(decoded)
             else:
                 outcome, away = score_here(decoded, event.key, message.partition)
                 if away and here:
