@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 #: ratio name -> (numerator, denominator), as dotted paths into the results.
+#: The latency phases, in the order they run: light load, the load asked for, and the same load again once
+#: the low-volume topics' partitions are past their first index entry (``Bench.latency_run``).
+LATENCY_PHASES = ("latency_light", "latency", "latency_warm")
+
 RATIOS: dict[str, tuple[str, str]] = {
     # Detection's cost: the worker against a no-op agent with the same consumer (batched drain, raw schema).
     "worker_vs_noop": ("throughput.worker.events_per_s", "throughput.faust_noop.events_per_s"),
@@ -111,9 +115,12 @@ def table(r: dict) -> str:
 def latency_lines(r: dict) -> list[str]:
     """Produce->freeze under light and full load, each with its per-stage breakdown (p50 / p99 ms)."""
     out = []
-    for key in ("latency_light", "latency"):
-        lat = r[key]
-        out += ["", f"produce→freeze under {lat['produced_eps']:,.0f} ev/s background: p50 {lat['p50_ms']:.0f} ms, "
+    for key in LATENCY_PHASES:
+        lat = r.get(key)
+        if lat is None:  # a results file from before the warm phase
+            continue
+        warm = " (again: partitions past their first index entry)" if key == "latency_warm" else ""
+        out += ["", f"produce→freeze under {lat['produced_eps']:,.0f} ev/s background{warm}: p50 {lat['p50_ms']:.0f} ms, "
                     f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms ({lat['frozen']}/{lat['storms']} storms "
                     f"frozen; frozen on reply-all #: {lat['frozen_on_reply']}; backlog when production stopped "
                     f"{lat['backlog_when_production_stopped']:,} events)"]
@@ -143,7 +150,9 @@ def variant_lines(r: dict) -> list[str]:
     out.append(f"  {'variant':24} {'ev/s':>6} {'storms':>6} {'p50':>6} {'p99':>6} {'max':>6} {'CPU ms/1k ev':>12}"
                f"  host load")
     for name, runs in variants.items():
-        for key in ("latency_light", "latency"):
+        for key in LATENCY_PHASES:
+            if key not in runs[0]:
+                continue
             samples = [v for run in runs for v in run[key]["samples_ms"]]
             loads = [run[key].get("load_avg", [0])[0] for run in runs]
             cpu = [run[key]["worker_cpu_ms_per_1000_events"] for run in runs

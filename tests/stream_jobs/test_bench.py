@@ -148,7 +148,7 @@ def test_ratios_are_the_quotients_of_the_figures(results):
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("key", ["latency", "latency_light"])
+@pytest.mark.parametrize("key", ["latency", "latency_light", "latency_warm"])
 def test_latency_figures(results, key):
     lat = results[key]
     assert lat["storms"] >= 3 and 1 <= lat["frozen"] <= lat["storms"]
