@@ -319,8 +319,8 @@ class StormDetector:
 
         sender = self.senders.get(event.sender)
         if sender is None:
-            sender = self._sender(event.sender)
-        else:  # the common case, without a call: the least recently seen sender is forgotten first
+            sender = self._new_sender(event.sender)
+        else:  # known: now the most recently seen
             self.senders.move_to_end(event.sender)
         deliveries = event.deliveries
         warm = self.events_seen >= cfg.warmup_events
@@ -589,14 +589,11 @@ class StormDetector:
         return [s.status() for _, s in sorted(self._frozen.items())]
 
     # -- bookkeeping ------------------------------------------------------------------
-    def _sender(self, address: str) -> SenderFanout:
-        profile = self.senders.get(address)
-        if profile is None:
-            profile = self.senders[address] = SenderFanout()
-            if len(self.senders) > self.config.max_senders:
-                self.senders.popitem(last=False)
-        else:
-            self.senders.move_to_end(address)
+    def _new_sender(self, address: str) -> SenderFanout:
+        """A sender seen for the first time; beyond ``max_senders`` the least recently seen is forgotten."""
+        profile = self.senders[address] = SenderFanout()
+        if len(self.senders) > self.config.max_senders:
+            self.senders.popitem(last=False)
         return profile
 
     def _new_list(self, address: str) -> ListState:

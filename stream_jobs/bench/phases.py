@@ -136,7 +136,6 @@ def variant_turns(specs: list, rounds: int) -> Iterator[tuple[int, str, Any]]:
             yield rnd, name, env
 
 
-
 #: The latency phase's warm-up between its cold and warm full-load runs: a storm every 0.1 s for 3 s per
 #: partition, about 30 freezes per partition (fewer on some: storms land at random), each writing 350 B to
 #: 1 KB to each of the small topics, past the 4 KB of a first index entry.

@@ -7,11 +7,11 @@ import platform
 import sys
 from pathlib import Path
 
-#: ratio name -> (numerator, denominator), as dotted paths into the results.
 #: The latency phases, in the order they run: light load, the load asked for, and the same load again once
 #: the low-volume topics' partitions are past their first index entry (``Bench.latency_run``).
 LATENCY_PHASES = ("latency_light", "latency", "latency_warm")
 
+#: ratio name -> (numerator, denominator), as dotted paths into the results.
 RATIOS: dict[str, tuple[str, str]] = {
     # Detection's cost: the worker against a no-op agent with the same consumer (batched drain, raw schema).
     "worker_vs_noop": ("throughput.worker.events_per_s", "throughput.faust_noop.events_per_s"),

@@ -133,3 +133,17 @@ def test_a_record_far_in_the_future_is_refused_but_a_stream_that_moved_on_is_fol
     assert det.watermark == T + 30 * 86400 + 60
     with pytest.raises(InvalidEvent):  # and one lone record far ahead of that is still refused
         det.process(ev(4, "a@o", T + 400 * 86400))
+
+
+def test_past_max_senders_the_least_recently_seen_sender_is_forgotten():
+    """A sender's habit is kept in recency order: each message moves its sender to the newest end, and a
+    new sender beyond ``max_senders`` forgets the oldest, not the first ever seen."""
+    det = StormDetector(PolicyConfig(max_senders=2))
+
+    def mail(i: int, sender: str) -> MailEvent:
+        return MailEvent(message_id=f"m{i}", timestamp=1e9 + i, sender=sender, recipients=["x@nhs.net"])
+
+    for i, sender in enumerate(["a@nhs.net", "b@nhs.net", "a@nhs.net", "c@nhs.net"]):
+        det.process(mail(i, sender))
+    assert list(det.senders) == ["a@nhs.net", "c@nhs.net"]
+    assert det.senders["a@nhs.net"].mean.n == 2  # kept, with both its messages learned
