@@ -492,48 +492,49 @@ def observe_event(detector, outcome, produced_at: Optional[float]) -> None:
         _refresh_detector_gauges()
 
 
-def observe_events(detector, observed: list) -> None:
-    """:func:`observe_event` for a batch: ``observed`` is ``(outcome, produced_at)`` per record, in order.
+def observe_events(detector, produced: list, scored: list, acted: list, errors: list) -> None:
+    """:func:`observe_event` for a batch, told what the worker's scoring loop gathered anyway:
+
+    ``produced``, the Kafka timestamp (epoch seconds) of each record that has one; ``scored``, each record's
+    :class:`~detectors.events.MailEvent` that was scored or routed, in order; ``acted``, ``(actions, produced
+    at)`` of each record that had actions; ``errors``, the reason of each record dead-lettered.
 
     The same series move by the same amounts, but the clock is read once and each counter is
     bumped once per batch (the worker scores hundreds of records a batch, and per-record calls
     were a tenth of its time); a record's latency is to the end of its batch, when it is acked.
     Each series is one pass over the batch, in a comprehension: one loop doing it all, a ``max``
-    and a property call per record, cost 2.4 µs a record (a tenth of the worker's time again).
+    and a property call per record, cost 2.4 µs a record (a tenth of the worker's time again). Lists
+    rather than an ``Outcome`` per record: most records have no actions, and the loop that scores them
+    makes no object for them (worker/app.py).
     """
     global _last_detector
-    if not observed:
-        return
     now = time.time()
     if detector is not None and _last_detector() is not detector:
         _detectors.add(detector)
         _last_detector = weakref.ref(detector)
-    RECORD_LATENCY.observe_many([now - produced_at for _, produced_at in observed if produced_at is not None])
-    scored = [outcome.event for outcome, _ in observed if outcome.error is None]
-    if len(scored) < len(observed):
-        for outcome, _ in observed:
-            if outcome.error is not None:
-                EVENTS_INVALID.labels(reason=reason_category(outcome.error)).inc()
-    EVENTS_PROCESSED.inc(len(scored))
-    scored = [event for event in scored if event is not None]
-    times = [event.event_time for event in scored]
-    EVENT_TIME_LAG.observe_many([now - t for t in times])
-    DELIVERIES.inc(sum([event.deliveries for event in scored]))
-    replies = 0
-    top = TOP.observe
-    for event, t in zip(scored, times):
-        if event.lists:
-            reply = event.is_reply
-            replies += reply
-            for address, members in event.lists.items():
-                top(address, t, members, reply)
-    REPLIES.inc(replies)
+    if produced:
+        RECORD_LATENCY.observe_many([now - produced_at for produced_at in produced])
+    for error in errors:
+        EVENTS_INVALID.labels(reason=reason_category(error)).inc()
+    if scored:
+        EVENTS_PROCESSED.inc(len(scored))
+        times = [event.event_time for event in scored]
+        EVENT_TIME_LAG.observe_many([now - t for t in times])
+        DELIVERIES.inc(sum([event.deliveries for event in scored]))
+        replies = 0
+        top = TOP.observe
+        for event, t in zip(scored, times):
+            if event.lists:
+                reply = event.is_reply
+                replies += reply
+                for address, members in event.lists.items():
+                    top(address, t, members, reply)
+        REPLIES.inc(replies)
     changed = False
-    for outcome, produced_at in observed:
-        if outcome.actions:
-            for action in outcome.actions:
-                observe_action(action, produced_at, now)
-                changed = changed or action.kind != "alert"
+    for actions, produced_at in acted:
+        for action in actions:
+            observe_action(action, produced_at, now)
+            changed = changed or action.kind != "alert"
     if changed and detector is not None:
         _refresh_detector_gauges()
 

@@ -196,33 +196,60 @@ class StormguardWorker:
         batch_start = time.time() if trace is not None else 0.0
         here = self._lists_owned_here() if self.local_shares else None
         local_shares = 0
-        observed: list = []  # (outcome, produced at) of each record, for the metrics, once per batch
+        # what the metrics need of the batch, once per batch (metrics.observe_events)
+        produced: list = []  # Kafka timestamps of the records read here
+        scored: list = []  # their events, scored or routed
+        acted: list = []  # (actions, produced at) of records that had actions
+        errors: list = []  # why each record dead-lettered was
         # looked up once a batch, not once a record
         by_list_name, unsaved, home = self.by_list_name, self.unsaved, self._home
-        score_here, process_decoded = self.score_here, self.process_raw_event
+        score_here, process_decoded, process = self.score_here, self.process_raw_event, detector.process
         timings: list = []  # each record's detection time, for its histogram, once per batch
-        observe_processing, note = timings.append, observed.append
+        observe_processing, read_here, score = timings.append, produced.append, scored.append
         crash_on = settings.crash_on_message_id
+        # the batch path's records (faust_tuning.RecordEvent) are their own message and carry what the merge
+        # decoded; a stream's Faust events (exactly-once, STORMGUARD_FAST_DRAIN=false) are read through .message
+        records = bool(events) and type(events[0]) is RecordEvent
         for index, event in enumerate(events):
-            message = event.message
-            produced_at = message.timestamp  # epoch seconds, as Faust gives them
-            produced_at = float(produced_at) if produced_at else None
-            started = perf_counter()
-            # decoded once, by the event-time merge (worker/event_order.py), on the batch path
-            decoded = getattr(event, "decoded", None)
+            if records:
+                topic, produced_at, decoded = event.topic, event.timestamp or None, event.decoded
+            else:
+                message = event.message
+                topic, produced_at, decoded = message.topic, message.timestamp, getattr(event, "decoded", None)
+                produced_at = float(produced_at) if produced_at else None  # epoch seconds, as Faust gives them
             if decoded is None:
                 decoded = decode_record(event.value)[1]
+            by_list = topic == by_list_name
             local = away = ()
-            by_list = message.topic == by_list_name
-            if by_list:  # one list's share, routed here because we own the list
-                share = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else ""
-                outcome = process_decoded(decoded, (share,))
-            elif type(decoded) is MailEvent and not decoded.lists:  # most mail: scored where it is read
-                outcome = process_decoded(decoded)
+            if not by_list and type(decoded) is MailEvent and not decoded.lists:
+                # Most mail (nine records in ten): scored where it is read, and nothing made for it unless it
+                # has actions; the rest of the loop is for list posts and records that cannot be scored.
+                started = perf_counter()
+                try:
+                    actions = process(decoded)
+                except InvalidEvent as exc:  # late or far ahead: dead-lettered below
+                    outcome = Outcome([], str(exc) or exc.__class__.__name__)
+                else:
+                    observe_processing(perf_counter() - started)
+                    if produced_at is not None:
+                        read_here(produced_at)
+                    score(decoded)
+                    if crash_on and decoded.message_id == crash_on:
+                        raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {crash_on}")
+                    if actions:
+                        acted.append((actions, produced_at))
+                        await self.publish_decisions(event, Outcome(actions, None, decoded), event, index,
+                                                     len(events), batch_start)
+                    continue
             else:
-                outcome, away = score_here(decoded, event.key, message.partition)
-                if away and here:
-                    local = tuple(address for address in away if home[address] in here)
+                started = perf_counter()
+                if by_list:  # one list's share, routed here because we own the list
+                    share = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else ""
+                    outcome = process_decoded(decoded, (share,))
+                else:
+                    outcome, away = score_here(decoded, event.key, event.message.partition)
+                    if away and here:
+                        local = tuple(address for address in away if home[address] in here)
             observe_processing(perf_counter() - started)
             if crash_on and outcome.event is not None and outcome.event.message_id == crash_on:
                 raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {settings.crash_on_message_id}")
@@ -246,15 +273,20 @@ class StormguardWorker:
             if by_list:  # the message was counted where it was read
                 for action in outcome.actions:
                     metrics.observe_action(action, produced_at)
-                if outcome.error is not None:
-                    note((outcome, None))
             else:
-                note((outcome, produced_at))
+                if produced_at is not None:
+                    read_here(produced_at)
+                if outcome.error is None:
+                    score(outcome.event)
+                if outcome.actions:
+                    acted.append((outcome.actions, produced_at))
+            if outcome.error is not None:
+                errors.append(outcome.error)
             if local:
                 for address in local:
                     await self.score_share_here(event, outcome.event, address, now)
                 local_shares += len(local)
-        metrics.observe_events(detector, observed)
+        metrics.observe_events(detector, produced, scored, acted, errors)
         metrics.PROCESSING_SECONDS.observe_many(timings)
         # a share scored here counts as the by-list record it would have been
         self.records_consumed += local_shares

@@ -154,7 +154,11 @@ def test_a_batch_moves_every_series_as_its_records_one_by_one():
         outcomes = [process_raw(det, raw) for raw in records]
         if batched:
             for i in range(0, len(outcomes), 500):
-                metrics.observe_events(det, [(o, produced_at) for o in outcomes[i:i + 500]])
+                batch = outcomes[i:i + 500]  # as the worker's scoring loop gathers them
+                metrics.observe_events(det, [produced_at] * len(batch),
+                                       [o.event for o in batch if o.error is None],
+                                       [(o.actions, produced_at) for o in batch if o.actions],
+                                       [o.error for o in batch if o.error is not None])
         else:
             for o in outcomes:
                 metrics.observe_event(det, o, produced_at)
