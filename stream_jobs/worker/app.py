@@ -200,7 +200,7 @@ class StormguardWorker:
         produced: list = []  # Kafka timestamps of the records read here
         scored: list = []  # their events, scored or routed
         acted: list = []  # (actions, produced at) of records that had actions
-        errors: list = []  # why each record dead-lettered was
+        errors: list = []  # the reason each dead-lettered record was refused
         # looked up once a batch, not once a record
         by_list_name, unsaved, home = self.by_list_name, self.unsaved, self._home
         score_here, process_decoded, process = self.score_here, self.process_raw_event, detector.process
@@ -252,7 +252,7 @@ class StormguardWorker:
                         local = tuple(address for address in away if home[address] in here)
             observe_processing(perf_counter() - started)
             if crash_on and outcome.event is not None and outcome.event.message_id == crash_on:
-                raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {settings.crash_on_message_id}")
+                raise RuntimeError(f"STORMGUARD_CRASH_ON_MESSAGE_ID drill: {crash_on}")
             if outcome.error is not None:
                 await self.dead_letter(event, outcome.error)
             elif away:  # every list of the message is scored by its owner: this record changed no list here
