@@ -629,6 +629,16 @@ class Outcome(msgspec.Struct, frozen=True):
     event: Optional[MailEvent] = None
 
 
+def refused(exc: InvalidEvent) -> Outcome:
+    """The outcome of a record that cannot be scored: no actions, and the reason its dead letter carries
+    (the same words offline and live).
+
+    >>> refused(InvalidEvent("record is not JSON")).error, refused(LateEvent()).error
+    ('record is not JSON', 'LateEvent')
+    """
+    return Outcome([], str(exc) or exc.__class__.__name__)
+
+
 def process_raw(detector: StormDetector, raw: bytes, lists: Optional[Collection[str]] = None) -> Outcome:
     """Parse and score one raw record (for ``lists`` only, if given: see :meth:`StormDetector.process`);
     invalid or late records come back with ``error`` set."""
@@ -636,4 +646,4 @@ def process_raw(detector: StormDetector, raw: bytes, lists: Optional[Collection[
         event = parse_event(raw)
         return Outcome(detector.process(event, lists), None, event)
     except InvalidEvent as exc:
-        return Outcome([], str(exc) or exc.__class__.__name__)
+        return refused(exc)

@@ -33,7 +33,7 @@ from faust.types import TP
 from faust.streams import _current_event  # faust-streaming 0.15 (pinned): the record a table write belongs to
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from detectors.engine import ListStatus, Outcome, StormDetector
+from detectors.engine import ListStatus, Outcome, StormDetector, refused
 from detectors.events import InvalidEvent, MailEvent, parse_event
 from detectors.policy import Action, encode_action, shadow
 from kafka.partitioner.default import murmur2
@@ -228,7 +228,7 @@ class StormguardWorker:
                 try:
                     actions = process(decoded)
                 except InvalidEvent as exc:  # late or far ahead: dead-lettered below
-                    outcome = Outcome([], str(exc) or exc.__class__.__name__)
+                    outcome = refused(exc)
                 else:
                     observe_processing(perf_counter() - started)
                     if produced_at is not None:
@@ -395,7 +395,7 @@ class StormguardWorker:
         """
         event = decode_record(raw)[1] if isinstance(raw, bytes) else raw
         if isinstance(event, InvalidEvent):
-            return Outcome([], str(event) or event.__class__.__name__), ()
+            return refused(event), ()
         if self.settings.partitions == 1:
             return self.process_raw_event(event), ()
         lists = event.lists
@@ -412,11 +412,11 @@ class StormguardWorker:
 
     def process_raw_event(self, event, lists=None) -> Outcome:
         if isinstance(event, InvalidEvent):  # as decode_record hands it on
-            return Outcome([], str(event) or event.__class__.__name__)
+            return refused(event)
         try:
             return Outcome(self.detector.process(event, lists), None, event)
         except InvalidEvent as exc:
-            return Outcome([], str(exc) or exc.__class__.__name__)
+            return refused(exc)
 
     def agent_died(self, agent: str, exc: BaseException) -> None:
         """An agent that stops scoring must not look healthy: /healthz turns 503 now, and the process exits
